@@ -1,0 +1,36 @@
+// The extension module: op schemas (TORCH_LIBRARY) and the pybind11 module that loads them and
+// answers capability queries. Backends register implementations in their own files
+// (ptloss_cpu.cpp for CPU, cuda/ptloss_cuda_launcher.cpp for CUDA).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "ptloss_cpu_kernel.h"
+
+TORCH_LIBRARY(tgtfast, m) {
+  // Per-row PTLoss and, in the same pass, its gradients (see tgtfast/reference.py for the math).
+  // Returns (loss [N], grad_student [N, K] or [0], grad_teacher [N, K] or [0]).
+  m.def(
+      "ptloss_fwd(Tensor student, Tensor teacher, Tensor coeffs, Tensor? valid, float temperature, "
+      "float label_smoothing, bool teacher_is_logits, bool need_grad_student, bool need_grad_teacher) "
+      "-> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+bool built_with_cuda() {
+#ifdef TGTFAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::string cpu_isa() { return tgtfast::cpu::cpu_has_avx2() ? "avx2" : "baseline"; }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "tgtfast compiled kernels (ops are registered under torch.ops.tgtfast)";
+  m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled into this build.");
+  m.def("cpu_isa", &cpu_isa, "Instruction set the CPU kernels use on this processor: 'avx2' or 'baseline'.");
+}

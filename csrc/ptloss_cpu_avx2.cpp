@@ -1,0 +1,13 @@
+// The CPU PTLoss kernel built for x86-64 processors with AVX2 and FMA (chosen at run time).
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC target("avx2,fma")
+#define TGTFAST_ISA_NAME ptloss_rows_avx2
+#include "ptloss_cpu_kernel.inc"
+#else
+#include "ptloss_cpu_kernel.h"
+namespace tgtfast {
+namespace cpu {
+void ptloss_rows_avx2(const PTLossArgs& args, int64_t begin, int64_t end) { ptloss_rows_base(args, begin, end); }
+}  // namespace cpu
+}  // namespace tgtfast
+#endif

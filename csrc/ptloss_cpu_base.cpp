@@ -1,0 +1,17 @@
+// The CPU PTLoss kernel built for the compiler's baseline instruction set (any processor).
+#define TGTFAST_ISA_NAME ptloss_rows_base
+#include "ptloss_cpu_kernel.inc"
+
+namespace tgtfast {
+namespace cpu {
+
+bool cpu_has_avx2() {
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace tgtfast

@@ -1,0 +1,83 @@
+"""Build of tgtfast and its compiled extension ``tgtfast._C``.
+
+Install after torch: ``pip install --no-build-isolation .`` (ninja is used when installed).
+
+Environment variables:
+  TGTFAST_USE_CPP=0         install pure Python (no compiled extension; the reference and Triton backends remain)
+  TGTFAST_SKIP_CUDA_BUILD=1 build only the C++ CPU kernels even when torch has CUDA and nvcc is found
+  TGTFAST_CUDA_ARCHS        CUDA architectures, default "80;90"
+  TGTFAST_NATIVE=1          compile the C++ kernels with -march=native (a local build; not for wheels)
+  DEBUG=1                   -O0 -g
+  MAX_JOBS                  parallel compile jobs (read by torch's build extension)
+
+The CPU kernels are compiled twice, for AVX2+FMA and for the baseline instruction set, and the faster
+one the processor supports is chosen at run time: a wheel built here runs on any x86-64 processor.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str, default: str = "0") -> bool:
+    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _extensions():
+    if not _flag("TGTFAST_USE_CPP", "1"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as exc:  # pragma: no cover - build-time message
+        raise RuntimeError(
+            "tgtfast builds its extension against the installed torch: install torch first, then run "
+            "`pip install --no-build-isolation .`"
+        ) from exc
+
+    debug = _flag("DEBUG")
+    cxx = ["-std=c++17", "-fopenmp-simd", "-fno-math-errno"]
+    cxx += ["-O0", "-g"] if debug else ["-O3"]
+    if _flag("TGTFAST_NATIVE"):
+        cxx.append("-march=native")
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+
+    with_cuda = (
+        torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+        and not _flag("TGTFAST_SKIP_CUDA_BUILD")
+    )
+    if with_cuda:
+        archs = os.environ.get("TGTFAST_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+        nvcc = ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc += ["-O0", "-g", "-G"] if debug else ["-O3"]
+        for arch in filter(None, (a.strip() for a in archs)):
+            nvcc += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        ext = cpp_extension.CUDAExtension(
+            "tgtfast._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=[("TGTFAST_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "tgtfast._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cxx}
+        )
+    build = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return [ext], {"build_ext": build}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=["tgtfast", "tgtfast.kernels"],
+    package_dir={"tgtfast": "tgtfast", "tgtfast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,28 @@
+"""tgtfast: fused kernels for knowledge distillation.
+
+* :func:`ptloss` / :class:`PTLoss`: the perturbed KL distillation loss, loss and gradients in one fused pass
+  (C++ on the CPU, CUDA and Triton on the GPU), with the baselines :class:`KDLoss`,
+  :class:`LabelSmoothedKDLoss` and :class:`FocalKDLoss`.
+* :func:`backends`: which implementations this machine can run, and why not the others.
+* :mod:`tgtfast.reference`: the eager PyTorch specification every backend is tested against.
+"""
+
+from tgtfast import reference
+from tgtfast.dispatch import Backend, backends
+from tgtfast.functional import focal_kd_loss, kd_loss, ptloss
+from tgtfast.losses import FocalKDLoss, KDLoss, LabelSmoothedKDLoss, PTLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "backends",
+    "ptloss",
+    "kd_loss",
+    "focal_kd_loss",
+    "PTLoss",
+    "KDLoss",
+    "LabelSmoothedKDLoss",
+    "FocalKDLoss",
+    "reference",
+]

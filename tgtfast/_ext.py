@@ -1,0 +1,30 @@
+"""Loads the compiled extension ``tgtfast._C`` once; the package works without it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import ModuleType
+from typing import Optional
+
+logger = logging.getLogger("tgtfast")
+
+ext: Optional[ModuleType] = None
+error: Optional[str] = None
+
+try:  # importing the module also registers the torch.ops.tgtfast operators
+    from tgtfast import _C as ext  # type: ignore[attr-defined,no-redef]
+except ImportError as exc:  # pragma: no cover - depends on how the package was built
+    ext = None
+    error = f"{type(exc).__name__}: {exc}"
+    if os.environ.get("TGTFAST_QUIET", "0") != "1":
+        logger.warning(
+            "tgtfast: the compiled extension could not be loaded (%s); the C++/CUDA backends are off and "
+            "ops fall back to Triton (GPU) or the PyTorch reference. Reinstall with "
+            "`pip install --no-build-isolation .` to build it.",
+            error,
+        )
+
+
+def built_with_cuda() -> bool:
+    return ext is not None and bool(ext.built_with_cuda())

@@ -1,0 +1,90 @@
+"""Eager PyTorch references: the specification every backend is tested against.
+
+Each function here is short, written with plain differentiable torch ops, and works in any floating
+dtype (use float64 for ground truth). No input validation: the public API validates before dispatch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ptloss_rows", "ptloss", "reduce_rows"]
+
+
+def ptloss_rows(
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor,
+    coeffs: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    teacher_is_logits: bool = True,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Per-row PTLoss ``[..., K] -> [...]`` (DESIGN.md section 1).
+
+    ``L = sum_j p_j (log p_j - log q_j) + sum_j p_j sum_m eta[m, j] (1 - q_j)^m`` with
+    ``q = softmax(s / T)``, ``p = softmax(t / T)`` (or ``t`` itself), optionally smoothed
+    ``p <- (1 - delta) p + delta / K``. ``coeffs`` is ``[M]`` or ``[M, K]``; ``None`` or ``M = 0`` is KL.
+    """
+    k = student_logits.shape[-1]
+    log_q = torch.log_softmax(student_logits / temperature, dim=-1)
+    p = torch.softmax(teacher / temperature, dim=-1) if teacher_is_logits else teacher
+    if label_smoothing > 0:
+        p = (1.0 - label_smoothing) * p + label_smoothing / k
+    loss = torch.xlogy(p, p) - p * log_q
+    if coeffs is not None and coeffs.numel() > 0:
+        eta = coeffs.to(log_q.dtype)
+        if eta.dim() == 1:
+            eta = eta[:, None].expand(-1, k)
+        one_minus_q = -torch.expm1(log_q)
+        powers = torch.stack([one_minus_q**m for m in range(1, eta.shape[0] + 1)])  # [M, ..., K]
+        eta = eta.reshape(eta.shape[0], *([1] * (log_q.dim() - 1)), k)
+        loss = loss + p * (eta * powers).sum(0)
+    return loss.sum(-1)
+
+
+def reduce_rows(rows: torch.Tensor, valid: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
+    """Reduce per-row losses: ``none`` keeps the row shape (ignored rows are 0); ``sum`` adds the rows;
+    ``mean`` and ``batchmean`` divide the sum by the number of rows that are not ignored (0 if none)."""
+    if valid is not None:
+        rows = torch.where(valid, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    count = rows.numel() if valid is None else valid.sum()
+    return total / torch.clamp(torch.as_tensor(count, device=rows.device), min=1).to(rows.dtype)
+
+
+def ptloss(
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor,
+    coeffs: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    teacher_is_logits: bool = True,
+    label_smoothing: float = 0.0,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    target: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Reference of :func:`tgtfast.ptloss` (same arguments and conventions, no ``backend``)."""
+    rows = ptloss_rows(
+        student_logits,
+        teacher,
+        coeffs,
+        temperature=temperature,
+        teacher_is_logits=teacher_is_logits,
+        label_smoothing=label_smoothing,
+    )
+    valid = None if target is None else target != ignore_index
+    return reduce_rows(rows, valid, reduction)
+
+
+def kl_div_batchmean(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0):
+    """Plain KD as torch writes it: ``kl_div(log_softmax(s / T), p, reduction="batchmean")``."""
+    return F.kl_div(torch.log_softmax(student_logits / temperature, -1), teacher_probs, reduction="batchmean")
