@@ -8,11 +8,12 @@
 
 TORCH_LIBRARY(tgtfast, m) {
   // Per-row PTLoss and, in the same pass, its gradients (see tgtfast/reference.py for the math).
-  // Returns (loss [N], grad_student [N, K] or [0], grad_teacher [N, K] or [0]).
+  // Returns (loss [N], grad_student [N, K] or [0], grad_teacher [N, K] or [0]); the gradients are those of
+  // grad_scale * loss[n] (the weight the caller's reduction gives each row).
   m.def(
       "ptloss_fwd(Tensor student, Tensor teacher, Tensor coeffs, Tensor? valid, float temperature, "
-      "float label_smoothing, bool teacher_is_logits, bool need_grad_student, bool need_grad_teacher) "
-      "-> (Tensor, Tensor, Tensor)");
+      "float label_smoothing, bool teacher_is_logits, bool need_grad_student, bool need_grad_teacher, "
+      "float grad_scale=1.0) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -23,7 +23,7 @@ cpu::DType to_kernel_dtype(at::ScalarType t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ptloss_fwd_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& coeffs,
     const std::optional<at::Tensor>& valid, double temperature, double label_smoothing, bool teacher_is_logits,
-    bool need_grad_student, bool need_grad_teacher) {
+    bool need_grad_student, bool need_grad_teacher, double grad_scale) {
   TORCH_CHECK(student.dim() == 2, "ptloss: student must be 2-D [N, K], got ", student.sizes());
   TORCH_CHECK(teacher.sizes() == student.sizes(), "ptloss: teacher shape ", teacher.sizes(),
               " does not match student shape ", student.sizes());
@@ -68,6 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ptloss_fwd_cpu(
   args.inv_temperature = 1.0 / temperature;
   args.label_smoothing = label_smoothing;
   args.teacher_is_logits = teacher_is_logits;
+  args.grad_scale = grad_scale;
 
   const auto rows_fn = cpu::cpu_has_avx2() ? &cpu::ptloss_rows_avx2 : &cpu::ptloss_rows_base;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));

@@ -29,6 +29,7 @@ struct PTLossArgs {
   double inv_temperature = 1.0;
   double label_smoothing = 0.0;
   bool teacher_is_logits = true;
+  double grad_scale = 1.0;        // gradients are those of grad_scale * loss[n]
 };
 
 // Processes rows [begin, end). Thread-safe for disjoint row ranges.

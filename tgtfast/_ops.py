@@ -2,8 +2,11 @@
 
 The C++ op ``tgtfast::ptloss_fwd`` is declared by the extension (csrc/ops.cpp) with CPU and CUDA kernels; the
 Triton op ``tgtfast::ptloss_fwd_triton`` is declared here with ``torch.library.triton_op`` so Inductor can see
-inside it. Both return ``(loss_rows, grad_student, grad_teacher)``: the gradients are computed in the forward
-pass, and the backward only scales them by the incoming row gradients, in place (they are private buffers).
+inside it. Both return ``(loss_rows, grad_student, grad_teacher)``: the gradients of ``grad_scale * loss_rows``
+are computed in the forward pass. The caller passes as ``grad_scale`` the weight its reduction gives every row
+(1 for ``sum``, ``1 / N`` for a mean), so for the usual ``loss.backward()`` the backward hands the stored
+gradient on untouched: no second pass over the logits and no second buffer. Any other incoming gradient is
+applied out of place, so backward may run more than once on a retained graph (``gradcheck`` does).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ PTLOSS_FWD: Dict[str, Callable] = {}
 
 
 def _ptloss_fwd_fake(student, teacher, coeffs, valid, temperature, label_smoothing, teacher_is_logits,
-                     need_grad_student, need_grad_teacher):
+                     need_grad_student, need_grad_teacher, grad_scale=1.0):
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     loss = student.new_empty((student.shape[0],), dtype=acc)
     grad_s = torch.empty_like(student) if need_grad_student else student.new_empty((0,))
@@ -33,17 +36,34 @@ def _ptloss_fwd_fake(student, teacher, coeffs, valid, temperature, label_smoothi
 def _ptloss_setup_context(ctx, inputs, output):
     _, grad_s, grad_t = output
     ctx.needs = (bool(inputs[7]), bool(inputs[8]))
+    ctx.grad_scale = float(inputs[9]) if len(inputs) > 9 else 1.0
     ctx.save_for_backward(grad_s, grad_t)
+
+
+def _row_factor(g_loss: torch.Tensor, grad_scale: float):
+    """What the stored gradients must be multiplied by: None when nothing (the common case), else a
+    0-dim tensor (uniform incoming gradient) or an [N, 1] column."""
+    uniform = g_loss.numel() <= 1 or g_loss.stride(0) == 0  # a reduction's backward expands one value
+    if not uniform:
+        return (g_loss / grad_scale).unsqueeze(1)
+    factor = g_loss.reshape(-1)[:1].reshape(()) / grad_scale if g_loss.numel() else g_loss.new_ones(())
+    if not torch.compiler.is_compiling() and bool(factor == 1):
+        return None
+    return factor
 
 
 def _ptloss_backward(ctx, g_loss, _g_grad_s, _g_grad_t):
     grad_s, grad_t = ctx.saved_tensors
-    scale = g_loss.unsqueeze(1)
-    # In place: the buffers belong to this node. A second backward through the same graph
-    # (retain_graph=True) is refused by autograd's saved-tensor version check instead of going wrong.
-    out_s = grad_s.mul_(scale.to(grad_s.dtype)) if ctx.needs[0] else None
-    out_t = grad_t.mul_(scale.to(grad_t.dtype)) if ctx.needs[1] else None
-    return out_s, out_t, None, None, None, None, None, None, None
+    factor = _row_factor(g_loss, ctx.grad_scale)
+    out = []
+    for need, grad in zip(ctx.needs, (grad_s, grad_t)):
+        if not need:
+            out.append(None)
+        elif factor is None:
+            out.append(grad)
+        else:
+            out.append(grad * factor.to(grad.dtype))
+    return out[0], out[1], None, None, None, None, None, None, None, None
 
 
 def _register_autograd(name: str) -> None:

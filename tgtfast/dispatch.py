@@ -10,7 +10,6 @@ cpp for CPU tensors, falling back to the reference. The environment variable ``T
 from __future__ import annotations
 
 import enum
-import functools
 import importlib.util
 import os
 from typing import Dict, Optional, Union
@@ -43,14 +42,11 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def _status() -> Dict[Backend, Optional[str]]:
-    """Backend -> None if available, else the reason it is not."""
+def _probe() -> Dict[Backend, Optional[str]]:
+    """Backend -> None if it is installed and has a device to run on, else the reason it has not.
+    Run once at import: the answers do not change within a process (and torch.compile sees constants)."""
     status: Dict[Backend, Optional[str]] = {}
-    if _ext.ext is None:
-        status[Backend.CPP] = f"compiled extension not loaded ({_ext.error})"
-    else:
-        status[Backend.CPP] = None
+    status[Backend.CPP] = None if _ext.ext is not None else f"compiled extension not loaded ({_ext.error})"
     if _ext.ext is None:
         status[Backend.CUDA] = "compiled extension not loaded"
     elif not _ext.built_with_cuda():
@@ -63,11 +59,20 @@ def _status() -> Dict[Backend, Optional[str]]:
         status[Backend.TRITON] = "triton is not installed"
     elif "triton" not in _ops.PTLOSS_FWD:
         status[Backend.TRITON] = f"Triton kernels failed to load ({_ops.triton_error})"
-    elif not torch.cuda.is_available() and not triton_interpret():
-        status[Backend.TRITON] = "no CUDA device visible (set TRITON_INTERPRET=1 to run on the CPU, slowly)"
     else:
         status[Backend.TRITON] = None
     status[Backend.REFERENCE] = None
+    return status
+
+
+_PROBED = _probe()
+_HAS_CUDA_DEVICE = torch.cuda.is_available()
+
+
+def _status() -> Dict[Backend, Optional[str]]:
+    status = dict(_PROBED)
+    if status[Backend.TRITON] is None and not _HAS_CUDA_DEVICE and not triton_interpret():
+        status[Backend.TRITON] = "no CUDA device visible (set TRITON_INTERPRET=1 to run on the CPU, slowly)"
     return status
 
 

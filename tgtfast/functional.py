@@ -171,14 +171,15 @@ def ptloss(
     chosen = select(backend, s.device, dtype, op="ptloss")
     if chosen is Backend.REFERENCE:
         if valid is not None:  # ignored rows must not leak NaN/inf into the gradient
-            s = torch.where(valid[:, None], s, torch.zeros((), dtype=dtype, device=s.device))
-            t = torch.where(valid[:, None], t, torch.full((), 1.0 / k, dtype=dtype, device=t.device))
+            s, t = reference.mask_rows(s, t, valid, teacher_is_logits)
         rows = reference.ptloss_rows(
             s, t, eta, temperature=temperature, teacher_is_logits=teacher_is_logits, label_smoothing=label_smoothing
         )
         rows = rows.to(eta.dtype)
+        out = reference.reduce_rows(rows, valid, reduction)
     else:
         grad_on = torch.is_grad_enabled()
+        weight = _row_weight(reduction, s.shape[0], valid)  # None: the row count stays on the device
         rows, _, _ = _ops.PTLOSS_FWD[chosen.value](
             s.contiguous(),
             t.contiguous(),
@@ -189,9 +190,25 @@ def ptloss(
             teacher_is_logits,
             grad_on and s.requires_grad,
             grad_on and t.requires_grad,
+            1.0 if weight is None else weight,
         )
-    out = reference.reduce_rows(rows, valid, reduction)
+        # The kernels already zero ignored rows, so no masking here (it would also defeat the
+        # copy-free backward of the fused op, see tgtfast/_ops.py).
+        out = reference.reduce_rows(rows, None, "sum" if reduction in ("mean", "batchmean") else reduction)
+        if reduction in ("mean", "batchmean"):
+            out = out / valid.sum().clamp(min=1).to(out.dtype) if weight is None else out * weight
     return out.reshape(lead) if reduction == "none" else out
+
+
+def _row_weight(reduction: str, rows: int, valid: Optional[torch.Tensor]) -> Optional[float]:
+    """The gradient weight a reduction gives each row, or None when only the device knows it."""
+    if reduction not in ("mean", "batchmean"):
+        return 1.0
+    if valid is None:
+        return 1.0 / max(rows, 1)
+    if valid.device.type == "cpu" and not _is_compiling():
+        return 1.0 / max(int(valid.sum()), 1)
+    return None
 
 
 def kd_loss(

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ptloss_rows", "ptloss", "reduce_rows"]
+__all__ = ["ptloss_rows", "ptloss", "reduce_rows", "mask_rows"]
 
 
 def ptloss_rows(
@@ -31,10 +31,15 @@ def ptloss_rows(
     """
     k = student_logits.shape[-1]
     log_q = torch.log_softmax(student_logits / temperature, dim=-1)
-    p = torch.softmax(teacher / temperature, dim=-1) if teacher_is_logits else teacher
+    if teacher_is_logits:  # log p from log_softmax keeps p log p differentiable where p underflows to 0
+        log_p = torch.log_softmax(teacher / temperature, dim=-1)
+        p = log_p.exp()
+    else:
+        p, log_p = teacher, None
     if label_smoothing > 0:
         p = (1.0 - label_smoothing) * p + label_smoothing / k
-    loss = torch.xlogy(p, p) - p * log_q
+        log_p = torch.log(p)
+    loss = p * (log_p - log_q) if log_p is not None else torch.xlogy(p, p) - p * log_q
     if coeffs is not None and coeffs.numel() > 0:
         eta = coeffs.to(log_q.dtype)
         if eta.dim() == 1:
@@ -44,6 +49,14 @@ def ptloss_rows(
         eta = eta.reshape(eta.shape[0], *([1] * (log_q.dim() - 1)), k)
         loss = loss + p * (eta * powers).sum(0)
     return loss.sum(-1)
+
+
+def mask_rows(student_logits, teacher, valid, teacher_is_logits):
+    """Replace ignored rows by a harmless constant so that NaN/inf there cannot reach the gradient."""
+    zero = torch.zeros((), dtype=student_logits.dtype, device=student_logits.device)
+    fill = zero if teacher_is_logits else torch.full_like(zero, 1.0 / teacher.shape[-1], dtype=teacher.dtype)
+    keep = valid.unsqueeze(-1)
+    return torch.where(keep, student_logits, zero), torch.where(keep, teacher, fill)
 
 
 def reduce_rows(rows: torch.Tensor, valid: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
@@ -73,6 +86,9 @@ def ptloss(
     target: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Reference of :func:`tgtfast.ptloss` (same arguments and conventions, no ``backend``)."""
+    valid = None if target is None else target != ignore_index
+    if valid is not None:
+        student_logits, teacher = mask_rows(student_logits, teacher, valid, teacher_is_logits)
     rows = ptloss_rows(
         student_logits,
         teacher,
@@ -81,7 +97,6 @@ def ptloss(
         teacher_is_logits=teacher_is_logits,
         label_smoothing=label_smoothing,
     )
-    valid = None if target is None else target != ignore_index
     return reduce_rows(rows, valid, reduction)
 
 

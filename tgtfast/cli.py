@@ -1,0 +1,30 @@
+"""The ``tgtfast`` command line: ``tgtfast bench ...``, ``tgtfast backends``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import List, Optional
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"bench": "benchmark the fused ops", "backends": "list the backends and why some are off"}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print("usage: tgtfast {" + ",".join(commands) + "} [options]")
+        for name, what in commands.items():
+            print(f"  {name:<10}{what}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "bench":
+        from tgtfast.bench import main as bench_main
+
+        return bench_main(rest)
+    import tgtfast
+
+    print(json.dumps(tgtfast.backends(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
