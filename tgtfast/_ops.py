@@ -38,6 +38,8 @@ def _ptloss_setup_context(ctx, inputs, output):
     ctx.needs = (bool(inputs[7]), bool(inputs[8]))
     ctx.grad_scale = float(inputs[9]) if len(inputs) > 9 else 1.0
     ctx.save_for_backward(grad_s, grad_t)
+    # No gradient ever flows into the gradient outputs: do not let autograd build [N, K] zeros for them.
+    ctx.set_materialize_grads(False)
 
 
 def _row_factor(g_loss: torch.Tensor, grad_scale: float):
@@ -53,6 +55,8 @@ def _row_factor(g_loss: torch.Tensor, grad_scale: float):
 
 
 def _ptloss_backward(ctx, g_loss, _g_grad_s, _g_grad_t):
+    if g_loss is None:
+        return (None,) * 10
     grad_s, grad_t = ctx.saved_tensors
     factor = _row_factor(g_loss, ctx.grad_scale)
     out = []
