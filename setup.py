@@ -54,7 +54,7 @@ def _extensions():
     )
     if with_cuda:
         archs = os.environ.get("TGTFAST_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
-        nvcc = ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "--threads", "2"]
         nvcc += ["-O0", "-g", "-G"] if debug else ["-O3"]
         for arch in filter(None, (a.strip() for a in archs)):
             nvcc += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]

@@ -36,7 +36,7 @@ except Exception:  # noqa: BLE001 - the tests below skip when the op is missing
 
 DEVICE = "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# |kernel - reference| <= RTOL * |reference| + ATOL * max|reference| for gradients
+# |kernel - reference| <= RTOL * |reference| + max(ATOL * max|reference|, subnormal step) for gradients
 GRAD_RTOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 GRAD_ATOL = {torch.float32: 2e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 LOSS_RTOL, LOSS_ATOL = 2e-5, 2e-5
@@ -141,8 +141,14 @@ def assert_close_grad(out, ref, dtype, what):
     if not finite.any():
         return
     scale = ref[finite].abs().max().item()
+    finfo = torch.finfo(dtype)
+    subnormal_step = finfo.smallest_normal * finfo.eps  # rounding to a subnormal is exact only to this
     torch.testing.assert_close(
-        out[finite], ref[finite], rtol=GRAD_RTOL[dtype], atol=GRAD_ATOL[dtype] * max(scale, 1e-30), msg=what
+        out[finite],
+        ref[finite],
+        rtol=GRAD_RTOL[dtype],
+        atol=max(GRAD_ATOL[dtype] * scale, subnormal_step),
+        msg=lambda m: f"{what}: {m}",
     )
 
 
@@ -161,9 +167,17 @@ def make_coeffs(m, k, per_class, *, seed=1, device=DEVICE):
     return (torch.rand(shape, generator=g) * 2.5 - 0.5).to(device=device, dtype=torch.float32)
 
 
-def run_and_check(s, t, coeffs, temperature=1.0, label_smoothing=0.0, teacher_is_logits=True, valid=None):
-    loss, gs, gt = _op()(s, t, coeffs, valid, temperature, label_smoothing, teacher_is_logits, True, True)
+def run_and_check(
+    s, t, coeffs, temperature=1.0, label_smoothing=0.0, teacher_is_logits=True, valid=None, grad_scale=None
+):
+    args = (s, t, coeffs, valid, temperature, label_smoothing, teacher_is_logits, True, True)
+    if grad_scale is None:  # the schema default, 1.0
+        loss, gs, gt = _op()(*args)
+    else:
+        loss, gs, gt = _op()(*args, grad_scale)
     rl, rgs, rgt = reference(s, t, coeffs, temperature, label_smoothing, teacher_is_logits, valid)
+    if grad_scale is not None:
+        rgs, rgt = rgs * grad_scale, rgt * grad_scale
     assert_close_loss(loss, rl)
     assert_close_grad(gs, rgs, s.dtype, "grad_student")
     assert_close_grad(gt, rgt, t.dtype, "grad_teacher")
@@ -295,6 +309,18 @@ def test_one_hot_teacher(dtype, label_smoothing):
         assert torch.all(gt[t == 0] == float("-inf"))
     else:
         assert torch.isfinite(gt).all()
+
+
+@requires_cuda_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("grad_scale", [2.0, -0.25, 1.0 / 4096])
+@pytest.mark.parametrize("teacher_is_logits", [True, False])
+def test_grad_scale(dtype, grad_scale, teacher_is_logits):
+    """Gradients are those of grad_scale * loss (the caller's reduction weight); the loss is unscaled."""
+    k = 3000
+    s, t = make_inputs(5, k, dtype, teacher_is_logits, seed=12)
+    valid = torch.tensor([True, True, False, True, True], device=DEVICE)
+    run_and_check(s, t, make_coeffs(2, k, True), 1.7, 0.1, teacher_is_logits, valid, grad_scale)
 
 
 @requires_cuda_kernel

@@ -288,10 +288,12 @@ struct KernelArgs {
   int64_t rows;
   int K;
   int M;
-  float inv_t;   // 1 / T
-  float k2;      // log2(e) / T
-  float keep;    // 1 - delta
-  float spread;  // delta / K
+  float inv_t;     // 1 / T
+  float k2;        // log2(e) / T
+  float keep;      // 1 - delta
+  float spread;    // delta / K
+  float gs_scale;  // grad_scale / T
+  float gt_scale;  // grad_scale (1 - delta) / T for logits, grad_scale (1 - delta) for probabilities
   bool smooth;   // delta > 0
   bool vec;      // all row pointers share their address modulo 16: 16-byte chunks after a common head
 };
@@ -453,7 +455,6 @@ __global__ void __launch_bounds__(G <= 32 ? kSubBlock : G, G > 256 ? 1 : 2) ptlo
 
     // Sweep 3: gradients.
     const float sum_aq = acc[1], sum_pg = acc[2];
-    const float t_scale = a.keep * a.inv_t;
     for_each_chunk<V, G>(K, head, a.vec, lane, [&](auto w, int j) {
       constexpr int W = decltype(w)::value;
       const Pack<T, W> x = load_pack<T, W, Load::kLast>(s_row + j);
@@ -463,12 +464,12 @@ __global__ void __launch_bounds__(G <= 32 ? kSubBlock : G, G > 256 ? 1 : 2) ptlo
       for (int i = 0; i < W; ++i) {
         const ElemVals e = element<kLogits, CM>(x.get(i), y.get(i), j + i, a, r, eta_shared, need_gt);
         const float aj = -e.p * e.hp;
-        gs.set(i, fmaf(e.q, aj - sum_aq, e.q - e.p) * a.inv_t);
+        gs.set(i, fmaf(e.q, aj - sum_aq, e.q - e.p) * a.gs_scale);
         const float g = e.lp - e.lq + e.h;
         if constexpr (kLogits) {
-          gt.set(i, e.p0 == 0.f ? 0.f : t_scale * e.p0 * (g - sum_pg));
+          gt.set(i, e.p0 == 0.f ? 0.f : a.gt_scale * e.p0 * (g - sum_pg));
         } else {
-          gt.set(i, a.keep * (g + 1.f));
+          gt.set(i, a.gt_scale * (g + 1.f));
         }
       }
       if (need_gs) store_pack<T, W>(gs_row + j, gs);
@@ -573,6 +574,9 @@ cudaError_t ptloss_fwd(const PTLossArgs& args, cudaStream_t stream) {
   a.keep = static_cast<float>(1.0 - args.label_smoothing);
   a.spread = static_cast<float>(args.label_smoothing / static_cast<double>(K));
   a.smooth = args.label_smoothing > 0.0;
+  a.gs_scale = static_cast<float>(args.grad_scale * args.inv_temperature);
+  a.gt_scale = static_cast<float>(args.grad_scale * (1.0 - args.label_smoothing) *
+                                  (args.teacher_is_logits ? args.inv_temperature : 1.0));
   const void* ptrs[4] = {args.student, args.teacher, args.grad_student, args.grad_teacher};
   a.vec = same_alignment(ptrs, 4);
 

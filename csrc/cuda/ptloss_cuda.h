@@ -7,7 +7,8 @@
 //   grad_student[n]  = [(q - p) + q (a - sum_j a_j q_j)] / T,            a_j = -p_j h'_j
 //   grad_teacher[n]  = (1 - delta) p0 (g - sum_j p0_j g_j) / T   (logits)
 //                      (1 - delta) (g + 1)                         (probabilities)
-//   with g_j = log p_j - log q_j + h_j. Terms with p_j == 0 add 0 to the loss (xlogy convention); with
+//   with g_j = log p_j - log q_j + h_j; both gradients are multiplied by grad_scale (the weight the
+//   caller's reduction gives each row), the loss is not. Terms with p_j == 0 add 0 to the loss (xlogy convention); with
 //   probabilities, a teacher entry p_j == 0 (delta == 0) has grad_teacher -inf (d/dp of p log p at 0).
 // Accumulation is float32 for every input dtype. Rows with valid[n] == false get loss 0 and zero gradients
 // (their inputs are never read). NaN in a row's inputs makes that row's loss NaN.
@@ -41,6 +42,7 @@ struct PTLossArgs {
   double inv_temperature = 1.0;    // 1 / T, finite and > 0
   double label_smoothing = 0.0;    // delta in [0, 1)
   bool teacher_is_logits = true;
+  double grad_scale = 1.0;         // the gradients are those of grad_scale * loss[n] (loss itself unscaled)
 };
 
 // Enqueues the kernel on `stream` (asynchronous). All pointers are device pointers. Returns

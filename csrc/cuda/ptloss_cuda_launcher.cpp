@@ -30,7 +30,7 @@ cuda::DType to_kernel_dtype(at::ScalarType t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ptloss_fwd_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& coeffs,
     const std::optional<at::Tensor>& valid, double temperature, double label_smoothing, bool teacher_is_logits,
-    bool need_grad_student, bool need_grad_teacher) {
+    bool need_grad_student, bool need_grad_teacher, double grad_scale) {
   TORCH_CHECK(student.is_cuda(), "ptloss (CUDA): student must be a CUDA tensor, got ", student.device());
   TORCH_CHECK(teacher.device() == student.device(), "ptloss (CUDA): teacher must be on ", student.device(),
               " like student, got ", teacher.device());
@@ -91,6 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ptloss_fwd_cuda(
   args.inv_temperature = 1.0 / temperature;
   args.label_smoothing = label_smoothing;
   args.teacher_is_logits = teacher_is_logits;
+  args.grad_scale = grad_scale;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(student.device().index()).stream();
   const cudaError_t err = cuda::ptloss_fwd(args, stream);
