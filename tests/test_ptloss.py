@@ -370,3 +370,24 @@ def test_backends_listing_explains_itself():
     assert listing["reference"] == "available"
     for name, state in listing.items():
         assert state == "available" or state.startswith("unavailable: ")
+
+
+@needs_backend("cpp")
+def test_masked_vocabulary_entries():
+    """Logits of -inf (a masked vocabulary, whole 512-wide blocks of it here) act as if the entries were absent.
+    (The eager reference gives NaN here: 0 * log 0 through autograd-friendly ops.)"""
+    backend = "cpp"
+    k, keep = 1800, torch.ones(1800, dtype=torch.bool)
+    keep[100:1300] = False
+    s, t = make_inputs((5, k), torch.float64)
+    s[:, ~keep] = float("-inf")
+    p = torch.softmax(t[:, keep], -1)
+    t_full = torch.zeros(5, k, dtype=torch.float64)
+    t_full[:, keep] = p
+    coeffs = torch.tensor([0.5, 1.5], dtype=torch.float64)
+    loss, gs, _ = run_loss(tgtfast.ptloss, s.float(), t_full.float(), coeffs=coeffs.float(), teacher_is_logits=False,
+                           backend=backend)
+    sub = run_loss(reference.ptloss, s[:, keep], p, coeffs=coeffs, teacher_is_logits=False)
+    assert torch.allclose(loss.double(), sub[0], rtol=1e-5)
+    assert torch.allclose(gs[:, keep].double(), sub[1], atol=1e-6)
+    assert torch.all(gs[:, ~keep] == 0)
