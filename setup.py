@@ -41,7 +41,8 @@ def _extensions():
     debug = _flag("DEBUG")
     # -fno-trapping-math lets GCC turn the NaN-safe selects of csrc/cpu_math.h into vector blends; unlike
     # -ffast-math it keeps NaN and inf semantics (the bad-input tests rely on them).
-    cxx = ["-std=c++17", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+    # -fopenmp: at::parallel_for is inline OpenMP in torch's headers and silently runs on one thread without it.
+    cxx = ["-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     cxx += ["-O0", "-g"] if debug else ["-O3"]
     if _flag("TGTFAST_NATIVE"):
         cxx.append("-march=native")
@@ -66,10 +67,15 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=[("TGTFAST_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
         )
     else:
         ext = cpp_extension.CppExtension(
-            "tgtfast._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cxx}
+            "tgtfast._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
         )
     build = cpp_extension.BuildExtension.with_options(use_ninja=True)
     return [ext], {"build_ext": build}
