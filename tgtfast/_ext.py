@@ -17,6 +17,8 @@ try:  # importing the module also registers the torch.ops.tgtfast operators
 except ImportError as exc:  # pragma: no cover - depends on how the package was built
     ext = None
     error = f"{type(exc).__name__}: {exc}"
+    if "partially initialized" in str(exc):
+        error += " -- tgtfast was imported from its source checkout, which holds no build; run from elsewhere"
     if os.environ.get("TGTFAST_QUIET", "0") != "1":
         logger.warning(
             "tgtfast: the compiled extension could not be loaded (%s); the C++/CUDA backends are off and "

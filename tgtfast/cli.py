@@ -1,4 +1,4 @@
-"""The ``tgtfast`` command line: ``tgtfast bench ...``, ``tgtfast backends``."""
+"""The ``tgtfast`` command line: ``tgtfast bench ...``, ``tgtfast coeffs ...``, ``tgtfast backends``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ from typing import List, Optional
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"bench": "benchmark the fused ops", "backends": "list the backends and why some are off"}
+    commands = {
+        "bench": "benchmark the fused ops",
+        "coeffs": "search PTLoss coefficients with the Proxy Teacher",
+        "backends": "list the backends and why some are off",
+    }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: tgtfast {" + ",".join(commands) + "} [options]")
         for name, what in commands.items():
@@ -20,6 +24,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from tgtfast.bench import main as bench_main
 
         return bench_main(rest)
+    if cmd == "coeffs":
+        from tgtfast.proxy import coeffs_main
+
+        return coeffs_main(rest)
     import tgtfast
 
     print(json.dumps(tgtfast.backends(), indent=2))
