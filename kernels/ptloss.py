@@ -190,6 +190,32 @@ def _tile_terms(u, v, eta_ptr, cols, cmask, K,
 
 
 @triton.jit
+def _store_grads(grad_s_ptr, grad_t_ptr, offs, smask, rkeep, q, log_q, p0, p, log_p, h, dh,
+                 sum_p, sum_aq, sum_pg, inv_temp, keep, grad_scale,
+                 M: tl.constexpr, TEACHER_LOGITS: tl.constexpr, NEED_GS: tl.constexpr, NEED_GT: tl.constexpr):
+    """Write one tile of dL/ds and dL/dt (scaled by ``grad_scale``) from its terms and the row sums."""
+    if NEED_GS:
+        if TEACHER_LOGITS:
+            gs = q - p
+        else:  # d/du of -sum_j p_j log q_j when sum_j p_j != 1
+            gs = q * sum_p[:, None] - p
+        if M > 0:
+            gs += q * (-p * dh - sum_aq[:, None])
+        gs = tl.where(rkeep, gs * (inv_temp * grad_scale), 0.0)
+        tl.store(grad_s_ptr + offs, gs.to(grad_s_ptr.dtype.element_ty), mask=smask)
+    if NEED_GT:
+        g = log_p - log_q
+        if M > 0:
+            g += h
+        if TEACHER_LOGITS:
+            gt = tl.where(p0 == 0.0, 0.0, p0 * (g - sum_pg[:, None]) * (keep * inv_temp * grad_scale))
+        else:
+            gt = (g + 1.0) * (keep * grad_scale)
+        gt = tl.where(rkeep, gt, 0.0)
+        tl.store(grad_t_ptr + offs, gt.to(grad_t_ptr.dtype.element_ty), mask=smask)
+
+
+@triton.jit
 def _ptloss_kernel(
     student_ptr, teacher_ptr, coeffs_ptr, valid_ptr,
     loss_ptr, grad_s_ptr, grad_t_ptr,
@@ -264,22 +290,8 @@ def _ptloss_kernel(
             if TEACHER_LOGITS:
                 sum_pg = tl.sum(tl.where(cmask & (p0 != 0.0), p0 * g, 0.0), axis=1)
         # pass 3: gradients
-        if NEED_GS:
-            if TEACHER_LOGITS:
-                gs = q - p
-            else:  # d/du of -sum_j p_j log q_j when sum_j p_j != 1
-                gs = q * sum_p[:, None] - p
-            if M > 0:
-                gs += q * (a - sum_aq[:, None])
-            gs = tl.where(rkeep, gs * (inv_temp * grad_scale), 0.0)
-            tl.store(grad_s_ptr + offs, gs.to(grad_s_ptr.dtype.element_ty), mask=rstore & cmask)
-        if NEED_GT:
-            if TEACHER_LOGITS:
-                gt = tl.where(p0 == 0.0, 0.0, p0 * (g - sum_pg[:, None]) * (keep * inv_temp * grad_scale))
-            else:
-                gt = (g + 1.0) * (keep * grad_scale)
-            gt = tl.where(rkeep, gt, 0.0)
-            tl.store(grad_t_ptr + offs, gt.to(grad_t_ptr.dtype.element_ty), mask=rstore & cmask)
+        _store_grads(grad_s_ptr, grad_t_ptr, offs, rstore & cmask, rkeep, q, log_q, p0, p, log_p, h, dh,
+                     sum_p, sum_aq, sum_pg, inv_temp, keep, grad_scale, M, TEACHER_LOGITS, NEED_GS, NEED_GT)
     else:
         # pass 1: online softmax statistics
         for k0 in range(0, K, BLOCK_K):
@@ -329,25 +341,8 @@ def _ptloss_kernel(
                 q, log_q, p0, p, log_p, h, dh = _tile_terms(
                     u, v, coeffs_ptr, cols, cols < K, K, mu_s, sum_s, inv_s, log_s, mu_t, inv_t, log_t,
                     keep, smooth_add, M, PER_CLASS, TEACHER_LOGITS, SMOOTH, ACC)
-                if NEED_GS:
-                    if TEACHER_LOGITS:
-                        gs = q - p
-                    else:  # d/du of -sum_j p_j log q_j when sum_j p_j != 1
-                        gs = q * sum_p[:, None] - p
-                    if M > 0:
-                        gs += q * (-p * dh - sum_aq[:, None])
-                    gs = tl.where(rkeep, gs * (inv_temp * grad_scale), 0.0)
-                    tl.store(grad_s_ptr + offs, gs.to(grad_s_ptr.dtype.element_ty), mask=rstore & cmask)
-                if NEED_GT:
-                    g = log_p - log_q
-                    if M > 0:
-                        g += h
-                    if TEACHER_LOGITS:
-                        gt = tl.where(p0 == 0.0, 0.0, p0 * (g - sum_pg[:, None]) * (keep * inv_temp * grad_scale))
-                    else:
-                        gt = (g + 1.0) * (keep * grad_scale)
-                    gt = tl.where(rkeep, gt, 0.0)
-                    tl.store(grad_t_ptr + offs, gt.to(grad_t_ptr.dtype.element_ty), mask=rstore & cmask)
+                _store_grads(grad_s_ptr, grad_t_ptr, offs, rstore & cmask, rkeep, q, log_q, p0, p, log_p, h, dh,
+                             sum_p, sum_aq, sum_pg, inv_temp, keep, grad_scale, M, TEACHER_LOGITS, NEED_GS, NEED_GT)
 
     tl.store(loss_ptr + rows, tl.where(rvalid, loss, 0.0), mask=rmask)
 
