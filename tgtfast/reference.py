@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ptloss_rows", "ptloss", "reduce_rows", "mask_rows"]
+__all__ = ["ptloss_rows", "ptloss", "reduce_rows", "mask_rows", "philox4x32_10", "latent_noise"]
 
 
 def ptloss_rows(
@@ -103,3 +103,50 @@ def ptloss(
 def kl_div_batchmean(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0):
     """Plain KD as torch writes it: ``kl_div(log_softmax(s / T), p, reduction="batchmean")``."""
     return F.kl_div(torch.log_softmax(student_logits / temperature, -1), teacher_probs, reduction="batchmean")
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mulhilo(a: torch.Tensor, m: int):
+    """(hi, lo) 32-bit words of a * m for uint32 values held in int64, without 64-bit overflow."""
+    p_lo, p_hi = a * (m & 0xFFFF), a * (m >> 16)  # each < 2^48
+    lo = (p_lo + ((p_hi & 0xFFFF) << 16)) & _MASK32
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    return hi, lo
+
+
+def philox4x32_10(counter: torch.Tensor, key: tuple) -> torch.Tensor:
+    """Philox4x32-10 of uint32 words held in int64: ``counter [..., 4]``, ``key = (k0, k1)`` -> ``[..., 4]``."""
+    x0, x1, x2, x3 = counter.unbind(-1)
+    k0, k1 = key
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(x0, 0xD2511F53)
+        hi1, lo1 = _mulhilo(x2, 0xCD9E8D57)
+        x0, x1, x2, x3 = hi1 ^ x1 ^ k0, lo1, hi0 ^ x3 ^ k1, lo0
+        k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
+    return torch.stack([x0, x1, x2, x3], -1)
+
+
+def latent_noise(shape, seed: int, offset: int = 0, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise of the counter-based generator all backends share (csrc/philox.h).
+
+    Element ``i`` (row-major) uses stream index ``j = offset + i``: the Philox4x32-10 words of the group
+    ``j // 4`` under the key ``seed``, a pair of them through Box-Muller, cos for even ``j`` and sin for odd.
+    """
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    j = torch.arange(numel, dtype=torch.int64) + int(offset)
+    g = j >> 2
+    zero = torch.zeros_like(g)
+    words = philox4x32_10(torch.stack([g & _MASK32, g >> 32, zero, zero], -1), (seed & _MASK32, seed >> 32))
+    second = ((j & 3) >= 2).unsqueeze(-1)
+    a = torch.where(second, words[:, 2:3], words[:, 0:1]).squeeze(-1)
+    b = torch.where(second, words[:, 3:4], words[:, 1:2]).squeeze(-1)
+    u1 = ((a >> 8).to(torch.float32) + 0.5) * 2.0**-24
+    u2 = ((b >> 8).to(torch.float32) + 0.5) * 2.0**-24
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    theta = 6.283185307179586 * u2
+    n = radius * torch.where((j & 1) == 1, torch.sin(theta), torch.cos(theta))
+    return n.reshape(tuple(shape)).to(device=device, dtype=dtype)
