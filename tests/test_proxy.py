@@ -24,6 +24,14 @@ except ImportError:  # installed package predates proxy.py: load the source file
     _spec.loader.exec_module(px)
 
 F64 = torch.float64
+BACKENDS = [b for b in ("cpp", "reference") if tgtfast.backends()[b] == "available"]
+
+
+@pytest.fixture(autouse=True, params=BACKENDS)
+def backend(request, monkeypatch):
+    """Every test of this file runs on each CPU implementation of the solve (chosen by the dispatch point)."""
+    monkeypatch.setenv("TGTFAST_BACKEND", request.param)
+    return request.param
 
 
 def teacher(n, k, scale=2.0, seed=0):
@@ -327,3 +335,53 @@ def test_distributed_sharded_search_equals_single_process():
             assert torch.allclose(got["dev"], single.candidate_deviations, rtol=1e-12, atol=0)
             assert torch.allclose(got["coeffs"], single.coeffs, rtol=1e-9, atol=1e-12)
             assert math.isclose(got["d"], single.deviation, rel_tol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------ backends agree
+
+
+@pytest.mark.parametrize("k", [2, 3, 7])
+def test_compiled_solve_matches_reference(k, backend):
+    if backend != "cpp":
+        pytest.skip("compares the C++ solve with the reference")
+    g = torch.Generator().manual_seed(11)
+    p = teacher(150, k, scale=2.5)
+    p[0] = torch.nn.functional.one_hot(torch.tensor(0), k).to(F64)  # degenerate rows ride along
+    p[1] = 1.0 / k
+    if k > 2:
+        p[2, 1] = 0.0
+        p[2] /= p[2].sum()
+    eta = torch.rand(5, 5, k, generator=g, dtype=F64) * 11 - 1
+    eta[1] = 0
+    q_cpp = px.proxy_teacher(p, eta, backend="cpp")
+    q_ref = px.proxy_teacher(p, eta, backend="reference")
+    assert torch.allclose(q_cpp, q_ref, rtol=0, atol=1e-9)
+    y = labels_for(p)
+    a = px.search_coefficients(p, y, num_candidates=12, order=3, backend="cpp")
+    b = px.search_coefficients(p, y, num_candidates=12, order=3, backend="reference")
+    assert torch.allclose(a.candidate_deviations, b.candidate_deviations, rtol=1e-9, atol=1e-15)
+    assert a.best_index == b.best_index
+
+
+def test_compiled_search_does_not_depend_on_thread_count(backend):
+    if backend != "cpp":
+        pytest.skip("C++ solve only")
+    p = teacher(600, 3)
+    y = labels_for(p)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = px.search_coefficients(p, y, num_candidates=9)
+        torch.set_num_threads(2)
+        two = px.search_coefficients(p, y, num_candidates=9)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one.candidate_deviations, two.candidate_deviations)
+
+
+def test_proxy_backend_without_kernel_is_refused():
+    p = teacher(4, 3)
+    with pytest.raises(ValueError, match="backend"):
+        px.proxy_teacher(p, torch.ones(2), backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        px.proxy_teacher(p, torch.ones(2), backend="nope")

@@ -11,10 +11,17 @@ student. :func:`proxy_teacher` solves for it, batched over rows and candidate co
 draws random coefficient sets (plus ``coeffs = 0``, i.e. plain KL), keeps the one with the smallest deviation,
 and optionally refines it by gradient descent through the solve.
 
-Everything runs as batched float64 PyTorch: the ``candidates x rows`` grid is flattened and processed in
-cache-sized blocks of many (candidate, row) pairs at once (no Python loop over rows or candidates; the loops
-are over blocks, Newton iterations, line-search halvings and 1-D search steps). There is no fused C++/GPU
-kernel for this yet; ``backend`` only accepts ``None``/``"auto"``/``"reference"``.
+The solve runs in float64 on the CPU (inputs on other devices are copied there: the problem is tiny per row).
+Two implementations, chosen by :func:`tgtfast.dispatch.select` (``backend=``):
+
+* ``"cpp"`` (the default when the extension is built): one parallel C++ loop over the whole
+  ``candidates x rows`` grid (``torch.ops.tgtfast.proxy_solve``); the search reduces each solution straight
+  into the Eq. 21 sums (``torch.ops.tgtfast.proxy_deviation_sums``), so the ``[C, N, K]`` grid is never stored.
+* ``"reference"``: the same algorithms as batched float64 PyTorch, the grid flattened into cache-sized blocks of
+  (candidate, row) pairs (the loops are over blocks, Newton iterations, line-search halvings and 1-D search
+  steps, never over rows or candidates).
+
+There is no GPU kernel: ``"cuda"`` and ``"triton"`` are refused with the reason.
 """
 
 from __future__ import annotations
@@ -452,6 +459,24 @@ def _diff_step(p_rows, eta_rows, aux, k):
     return torch.softmax(torch.where(supp, zs + dz, z), -1)
 
 
+def _use_cpp(backend: Optional[str]) -> bool:
+    """Whether the compiled solve runs this call (the one dispatch point decides; the data is float64 CPU)."""
+    from tgtfast import dispatch
+
+    chosen = dispatch.select(backend, torch.device("cpu"), _F64, op="proxy_teacher")
+    if chosen not in (dispatch.Backend.CPP, dispatch.Backend.REFERENCE):
+        raise ValueError(f"proxy_teacher: backend={chosen.value!r} has no kernel for this op; use 'cpp' or 'reference'")
+    return chosen is dispatch.Backend.CPP
+
+
+def _aux_from_q(q: torch.Tensor, k: int) -> torch.Tensor:
+    """The solver's own variable recovered from its solution: u = logit(q_0) (K = 2) or logits z = log q."""
+    with torch.no_grad():
+        if k == 2:
+            return torch.log(q[:, 0]) - torch.log(q[:, 1])
+        return torch.log(q)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------------------------------
@@ -464,6 +489,7 @@ def proxy_teacher(
     max_iter: int = 100,
     tol: float = 1e-10,
     batched: Optional[bool] = None,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """The proxy teacher ``argmin_{q in simplex} L(p, q)`` for each row and each candidate coefficient set.
 
@@ -478,6 +504,7 @@ def proxy_teacher(
             for ``[C, M]`` with ``M == K``.
         max_iter: Newton iterations (multi-class).
         tol: stationarity residual at which a row stops iterating (multi-class).
+        backend: ``None``/``"auto"``, ``"cpp"`` or ``"reference"`` (see the module docstring).
 
     Returns:
         ``[N, K]`` (or ``[C, N, K]`` for a candidate batch) in ``teacher_probs.dtype``.
@@ -524,14 +551,21 @@ def proxy_teacher(
     worst = 0.0
     bs = _block_rows(k)
     with torch.no_grad():
-        for s in range(0, c * n, bs):
-            e = min(s + bs, c * n)
-            q, res, aux = _solve_flat(p64, eta64, max_iter, tol, s, e)
-            out[s:e] = q
-            if res is not None and res.numel():
-                worst = max(worst, float(res.max()))
+        if _use_cpp(backend) and k >= 2:
+            q, res = torch.ops.tgtfast.proxy_solve(p64, eta64.contiguous(), max_iter, tol)
+            out = q.view(c * n, k)
+            worst = float(res.max()) if res.numel() else 0.0
             if need_grad:
-                auxes.append(aux)
+                auxes = [_aux_from_q(out[s : min(s + bs, c * n)], k) for s in range(0, c * n, bs)]
+        else:
+            for s in range(0, c * n, bs):
+                e = min(s + bs, c * n)
+                q, res, aux = _solve_flat(p64, eta64, max_iter, tol, s, e)
+                out[s:e] = q
+                if res is not None and res.numel():
+                    worst = max(worst, float(res.max()))
+                if need_grad:
+                    auxes.append(aux)
     if worst > 1e-6:
         warnings.warn(f"proxy_teacher: stationarity residual {worst:.3g} > 1e-6 on some rows (raise max_iter?)")
     out = out.view(c, n, k)
@@ -678,9 +712,6 @@ class CoefficientSearchResult:
             fh.write(self.to_json() + "\n")
 
 
-_BACKENDS = (None, "auto", "reference")
-
-
 def _dist_group_active(distributed: Optional[bool]) -> bool:
     import torch.distributed as dist
 
@@ -701,10 +732,17 @@ def _all_reduce(t: torch.Tensor, like: torch.device) -> torch.Tensor:
     return buf.to(t.device)
 
 
-def _search_sums(p64: torch.Tensor, labels: torch.Tensor, eta: torch.Tensor, max_iter: int, tol: float):
+def _search_sums(p64: torch.Tensor, labels: torch.Tensor, eta: torch.Tensor, max_iter: int, tol: float,
+                 backend: Optional[str] = None):
     """(sum_n ||q - y||, sum_n q log q) per candidate, eta [C, M, K]; blocks of the flattened grid, no grad."""
     n, k = p64.shape
     c = eta.shape[0]
+    if _use_cpp(backend):
+        s1, s2, worst_c = torch.ops.tgtfast.proxy_deviation_sums(p64, eta.contiguous(), labels, max_iter, tol)
+        worst = float(worst_c.max()) if worst_c.numel() else 0.0
+        if worst > 1e-6:
+            warnings.warn(f"search_coefficients: stationarity residual {worst:.3g} > 1e-6 on some rows")
+        return s1, s2
     s1 = torch.zeros(c, dtype=_F64)
     s2 = torch.zeros(c, dtype=_F64)
     zero_c = (eta == 0).flatten(1).all(1) if eta.numel() else torch.ones(c, dtype=torch.bool)
@@ -757,7 +795,7 @@ def search_coefficients(
         refine: continue from the best candidate with ``refine_steps`` steps of gradient descent on D (gradient by
             implicit differentiation of the solve, backtracking so D never increases); ``refined_from`` reports
             D before.
-        backend: only the batched PyTorch implementation exists (``None``, ``"auto"``, ``"reference"``).
+        backend: ``None``/``"auto"``, ``"cpp"`` or ``"reference"`` (see the module docstring).
         distributed: None = all-reduce across ranks if ``torch.distributed`` is initialised (the validation set
             may be sharded: the per-candidate sums and the row count are all-reduced, so every rank returns what
             one process returns on the whole set; every rank must call this).
@@ -765,10 +803,7 @@ def search_coefficients(
     Plain KL (``coeffs = 0``) is always candidate 0, so ``result.deviation <= result.kl_deviation``; ties keep the
     earliest candidate.
     """
-    if backend not in _BACKENDS:
-        raise ValueError(
-            f"backend must be one of None, 'auto', 'reference' (no fused proxy-teacher kernel yet), got {backend!r}"
-        )
+    _use_cpp(backend)  # an unknown or unusable backend is refused before any work
     order = _check_int("order", order, 1)
     num_candidates = _check_int("num_candidates", num_candidates, 1)
     refine_steps = _check_int("refine_steps", refine_steps, 0)
@@ -802,7 +837,7 @@ def search_coefficients(
     cands = torch.cat([torch.zeros((1,) + shape[1:], dtype=_F64), draws])
     eta = cands if per_class else cands[:, :, None].expand(-1, -1, k)
 
-    s1, s2 = _search_sums(p64, labels, eta, 100, 1e-10)
+    s1, s2 = _search_sums(p64, labels, eta, 100, 1e-10, backend)
     cnt = torch.tensor([float(n)], dtype=_F64)
     if use_dist:
         red = _all_reduce(torch.cat([s1, s2, cnt]), t.device)
@@ -822,17 +857,17 @@ def search_coefficients(
     )
     if refine and refine_steps > 0:
         coeffs, d_new, steps = _refine(p64, labels, best_coeffs, best_dev, total, refine_steps, low, high,
-                                       use_dist, t.device)
+                                       use_dist, t.device, backend)
         result.refined_from = best_dev
         result.coeffs, result.deviation, result.refine_steps = coeffs, d_new, steps
     return result
 
 
-def _global_dev(p64, labels, coeffs, total, use_dist, dev, grad: bool):
+def _global_dev(p64, labels, coeffs, total, use_dist, dev, grad: bool, backend=None):
     """D for one coefficient set (all-reduced); with grad=True also dD/dcoeffs (all-reduced)."""
     if not grad:
         with torch.no_grad():
-            q = proxy_teacher(p64, coeffs, batched=False)
+            q = proxy_teacher(p64, coeffs, batched=False, backend=backend)
             s1, s2 = _deviation_sums(q, labels)
         s = torch.stack([s1, s2])
         if use_dist:
@@ -841,7 +876,7 @@ def _global_dev(p64, labels, coeffs, total, use_dist, dev, grad: bool):
     eta = coeffs.clone().requires_grad_(True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = proxy_teacher(p64, eta, batched=False)
+        q = proxy_teacher(p64, eta, batched=False, backend=backend)
     s1, s2 = _deviation_sums(q, labels)
     s = torch.stack([s1, s2]).detach()
     if use_dist:
@@ -854,20 +889,20 @@ def _global_dev(p64, labels, coeffs, total, use_dist, dev, grad: bool):
     return float((s[0] / total) ** 2 + (s[1] / total) ** 2), g
 
 
-def _refine(p64, labels, coeffs, d0, total, steps, low, high, use_dist, dev):
+def _refine(p64, labels, coeffs, d0, total, steps, low, high, use_dist, dev, backend=None):
     """Gradient descent with backtracking on D from the best candidate; D never increases."""
     cur, d_cur = coeffs.clone(), d0
     step = 0.1 * max(high - low, 1.0)  # largest coefficient move per step
     done = 0
     for _ in range(steps):
-        _, g = _global_dev(p64, labels, cur, total, use_dist, dev, grad=True)
+        _, g = _global_dev(p64, labels, cur, total, use_dist, dev, grad=True, backend=backend)
         gmax = float(g.abs().max()) if g is not None and g.numel() else 0.0
         if not math.isfinite(gmax) or gmax == 0.0:
             break
         improved = False
         for _bt in range(20):
             trial = cur - (step / gmax) * g
-            d_trial, _ = _global_dev(p64, labels, trial, total, use_dist, dev, grad=False)
+            d_trial, _ = _global_dev(p64, labels, trial, total, use_dist, dev, grad=False, backend=backend)
             if math.isfinite(d_trial) and d_trial < d_cur:
                 cur, d_cur, improved = trial, d_trial, True
                 step *= 1.5
