@@ -1,0 +1,56 @@
+"""The benchmark harness behind `tgtfast bench` (tiny shapes: this checks the harness, not speed)."""
+
+import json
+
+import pytest
+import torch
+
+from tgtfast import bench
+
+
+def test_ptloss_case_rows_and_fields():
+    res = bench.run_case("ptloss", {"N": 8, "K": 64, "M": 3}, repeats=1, memory=False)
+    impls = [r["impl"] for r in res["rows"]]
+    assert impls[:2] == ["eager", "compile"]
+    for row in res["rows"]:
+        assert row["matches_reference"] is True
+        assert row["median_s"] > 0 and row["min_s"] <= row["median_s"] <= row["max_s"]
+        assert 0 < row["roofline_fraction"] and row["ns_per_elem"] > 0
+    assert res["moved_bytes"] == 3 * 8 * 64 * 4
+    text = bench.format_table(res)
+    assert "roofline" in text and "eager" in text
+
+
+def test_proxy_case_compares_backends():
+    res = bench.run_case("proxy", {"N": 20, "K": 3, "M": 2, "C": 3}, repeats=1, memory=False)
+    assert res["moved_bytes"] is None and all(r["matches_reference"] for r in res["rows"])
+    assert "-" in bench.format_table(res)  # no roofline, no compile column
+
+
+def test_a_wrong_backend_is_reported_as_not_matching(monkeypatch):
+    case = bench.BUILDERS["ptloss"]({"N": 4, "K": 16, "M": 1}, torch.float32, torch.device("cpu"), ["eager"])
+    s = torch.randn(4, 16)
+    wrong = (torch.zeros(()), torch.zeros_like(s))
+    assert case.compare(wrong, case.run["eager"]()) > case.tol
+
+
+def test_peak_memory_child_measures_something():
+    peak = bench._peak_memory_subprocess("ptloss", "eager", {"N": 64, "K": 4096, "M": 2}, "float32")
+    assert peak is not None and peak >= 64 * 4096 * 4  # eager builds several [N, K] temporaries
+
+
+def test_cli_json_and_plot(tmp_path):
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    rc = bench.main(["--op", "ptloss", "--sweep", "--shape", "N=4", "--impl", "eager", "--repeats", "1",
+                     "--no-memory", "--json", str(out), "--plot", str(png)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    ks = [r["shape"]["K"] for r in data["results"]]
+    assert ks == bench.SWEEPS["ptloss"][2] and all(r["shape"]["N"] == 4 for r in data["results"])
+    assert "torch" in data["environment"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_rejects_bad_shape():
+    with pytest.raises(SystemExit):
+        bench.main(["--op", "ptloss", "--shape", "N=abc"])
