@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "proxy_kernel.h"
 
@@ -33,8 +34,9 @@ std::tuple<at::Tensor, at::Tensor> proxy_solve_cpu(const at::Tensor& p_in, const
   double* qp = q.data_ptr<double>();
   double* rp = res.data_ptr<double>();
   at::parallel_for(0, c * n, 64, [&](int64_t begin, int64_t end) {
-    tgtfast::proxy::Workspace ws;
-    ws.reserve(static_cast<int>(k), static_cast<int>(m));
+    std::vector<int> idx(k);
+    std::vector<double> scratch(tgtfast::proxy::workspace_doubles(static_cast<int>(k), static_cast<int>(m)));
+    tgtfast::proxy::Workspace ws{idx.data(), scratch.data()};
     for (int64_t i = begin; i < end; ++i) {
       const int64_t ci = i / n, ni = i % n;
       rp[i] = tgtfast::proxy::solve_row(pp + ni * k, ep + ci * m * k, static_cast<int>(k), static_cast<int>(m),
@@ -64,8 +66,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proxy_deviation_sums_cpu(const at
   const int64_t* lp = labels.data_ptr<int64_t>();
   double* out = part.data_ptr<double>();
   at::parallel_for(0, c * chunks, 1, [&](int64_t begin, int64_t end) {
-    tgtfast::proxy::Workspace ws;
-    ws.reserve(static_cast<int>(k), static_cast<int>(m));
+    std::vector<int> idx(k);
+    std::vector<double> scratch(tgtfast::proxy::workspace_doubles(static_cast<int>(k), static_cast<int>(m)));
+    tgtfast::proxy::Workspace ws{idx.data(), scratch.data()};
     std::vector<double> q(k);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t ci = w / chunks, r0 = (w % chunks) * kChunk, r1 = std::min(n, r0 + kChunk);

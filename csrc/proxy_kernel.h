@@ -9,19 +9,23 @@
 // K = 2: the global minimiser of the 1-D problem in u = logit(q_0) (tgtfast/proxy.py:_solve_bin_block): a grid
 // over the interval that holds every minimum, golden-section search from the three best local minima of the grid,
 // then safeguarded Newton; the boundary q_0 = 0 / 1 when a class has no teacher mass.
+// Host and device code: csrc/proxy_cpu.cpp runs it per (candidate, row) pair on CPU threads,
+// csrc/cuda/proxy_cuda.cu one pair per CUDA thread.
 #pragma once
 
-#include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <limits>
-#include <vector>
+
+#if defined(__CUDACC__)
+#define TGTFAST_PHD __host__ __device__ inline
+#else
+#define TGTFAST_PHD inline
+#endif
 
 namespace tgtfast {
 namespace proxy {
 
 // P(x) = sum_{m=1..M} eta[m-1] x^m and its first two derivatives (Horner); eta strided by `stride`.
-inline void poly(const double* eta, int m, int stride, double x, double& pv, double& d1, double& d2) {
+TGTFAST_PHD void poly(const double* eta, int m, int stride, double x, double& pv, double& d1, double& d2) {
   if (m == 0) {
     pv = d1 = d2 = 0.0;
     return;
@@ -39,21 +43,20 @@ inline void poly(const double* eta, int m, int stride, double x, double& pv, dou
   d2 = 2.0 * a2;
 }
 
-inline double poly_value(const double* eta, int m, int stride, double x) {
+TGTFAST_PHD double poly_value(const double* eta, int m, int stride, double x) {
   double b = 0.0;
   for (int i = m; i > 0; --i) b = b * x + eta[(i - 1) * stride];
   return b * x;
 }
 
-// Scratch for one row of the multi-class solve (reused across rows by one thread).
+// Scratch for one row of the multi-class solve (reused across rows by one thread): idx [k] and
+// buf [k * (20 + m)] (19 + m arrays of the support size are taken).
 struct Workspace {
-  std::vector<int> idx;
-  std::vector<double> buf;
-  void reserve(int k, int m) {
-    idx.resize(k);
-    buf.resize(static_cast<size_t>(k) * (20 + m));  // 19 + m arrays of the support size are taken
-  }
+  int* idx;
+  double* buf;
 };
+
+TGTFAST_PHD long workspace_doubles(int k, int m) { return static_cast<long>(k) * (20 + m); }
 
 struct McRow {
   int s, m;            // support size, orders
@@ -74,15 +77,15 @@ struct McState {
 };
 
 // Softmax of z with 1 - q_j computed without cancellation (sum of the other classes' weights).
-inline void softmax_parts(const double* z, int s, double* w, double* q, double* logq, double* one_minus_q) {
-  double mx = -std::numeric_limits<double>::infinity();
-  for (int j = 0; j < s; ++j) mx = std::max(mx, z[j]);
+TGTFAST_PHD void softmax_parts(const double* z, int s, double* w, double* q, double* logq, double* one_minus_q) {
+  double mx = -INFINITY;
+  for (int j = 0; j < s; ++j) mx = fmax(mx, z[j]);
   double total = 0.0;
   for (int j = 0; j < s; ++j) {
-    w[j] = std::exp(z[j] - mx);
+    w[j] = exp(z[j] - mx);
     total += w[j];
   }
-  const double log_total = std::log(total), inv = 1.0 / total;
+  const double log_total = log(total), inv = 1.0 / total;
   double prefix = 0.0;
   for (int j = 0; j < s; ++j) {  // one_minus_q[j] <- prefix sum of the others, completed below
     one_minus_q[j] = prefix;
@@ -97,13 +100,13 @@ inline void softmax_parts(const double* z, int s, double* w, double* q, double* 
   }
 }
 
-inline void mc_state(const McRow& r, const double* z, double* tmp_w, double* tmp_x, McState& st) {
+TGTFAST_PHD void mc_state(const McRow& r, const double* z, double* tmp_w, double* tmp_x, McState& st) {
   softmax_parts(z, r.s, tmp_w, st.q, st.logq, tmp_x);
   double obj = 0.0, lam = 0.0;
   for (int j = 0; j < r.s; ++j) {
     double pv, d1, d2;
     poly(r.eta + j, r.m, r.s, tmp_x[j], pv, d1, d2);
-    const double ratio = st.q[j] > 1e-300 ? r.p[j] / st.q[j] : std::exp(r.logp[j] - st.logq[j]);
+    const double ratio = st.q[j] > 1e-300 ? r.p[j] / st.q[j] : exp(r.logp[j] - st.logq[j]);
     st.ratio[j] = ratio;
     st.phi[j] = ratio + r.p[j] * d1;
     st.e[j] = ratio + r.p[j] * st.q[j] * d2;
@@ -114,7 +117,7 @@ inline void mc_state(const McRow& r, const double* z, double* tmp_w, double* tmp
   st.lam = lam;
 }
 
-inline double mc_objective(const McRow& r, const double* z, double* tmp_w, double* tmp_q, double* tmp_lq,
+TGTFAST_PHD double mc_objective(const McRow& r, const double* z, double* tmp_w, double* tmp_q, double* tmp_lq,
                            double* tmp_x) {
   softmax_parts(z, r.s, tmp_w, tmp_q, tmp_lq, tmp_x);
   double obj = 0.0;
@@ -122,14 +125,14 @@ inline double mc_objective(const McRow& r, const double* z, double* tmp_w, doubl
   return obj;
 }
 
-inline double mc_residual(const McState& st, int s) {
+TGTFAST_PHD double mc_residual(const McState& st, int s) {
   double res = 0.0;
-  for (int j = 0; j < s; ++j) res = std::max(res, std::fabs(st.phi[j] - st.lam));
+  for (int j = 0; j < s; ++j) res = fmax(res, fabs(st.phi[j] - st.lam));
   return res;
 }
 
 // Solve one row. p_full [k] (sums to 1), eta_full [m, k]; writes q_full [k]; returns the final residual.
-inline double solve_multiclass(const double* p_full, const double* eta_full, int k, int m, int max_iter, double tol,
+TGTFAST_PHD double solve_multiclass(const double* p_full, const double* eta_full, int k, int m, int max_iter, double tol,
                                double* q_full, Workspace& ws) {
   int s = 0;
   for (int j = 0; j < k; ++j)
@@ -139,28 +142,24 @@ inline double solve_multiclass(const double* p_full, const double* eta_full, int
     if (s == 1) q_full[ws.idx[0]] = 1.0;
     return 0.0;
   }
-  double* b = ws.buf.data();
-  auto take = [&b](int n) {
-    double* r = b;
-    b += n;
-    return r;
-  };
-  double* p = take(s);
-  double* logp = take(s);
-  double* eta = take(m * s);
-  double* z = take(s);
-  double* zt = take(s);
-  double* dz = take(s);
-  double* tw = take(s);
-  double* tx = take(s);
-  double* tq = take(s);
-  double* tl = take(s);
-  McState cur{take(s), take(s), take(s), take(s), take(s), 0.0, 0.0};
-  McState trial{take(s), take(s), take(s), take(s), take(s), 0.0, 0.0};
+  double* b = ws.buf;  // carve the scratch into arrays of the support size
+  double* p = b;
+  double* logp = p + s;
+  double* eta = logp + s;
+  double* z = eta + m * s;
+  double* zt = z + s;
+  double* dz = zt + s;
+  double* tw = dz + s;
+  double* tx = tw + s;
+  double* tq = tx + s;
+  double* tl = tq + s;
+  double* st0 = tl + s;
+  McState cur{st0, st0 + s, st0 + 2 * s, st0 + 3 * s, st0 + 4 * s, 0.0, 0.0};
+  McState trial{st0 + 5 * s, st0 + 6 * s, st0 + 7 * s, st0 + 8 * s, st0 + 9 * s, 0.0, 0.0};
   for (int a = 0; a < s; ++a) {
     const int j = ws.idx[a];
     p[a] = p_full[j];
-    logp[a] = std::log(p[a]);
+    logp[a] = log(p[a]);
     z[a] = logp[a];
     for (int i = 0; i < m; ++i) eta[i * s + a] = eta_full[i * k + j];
   }
@@ -191,10 +190,10 @@ inline double solve_multiclass(const double* p_full, const double* eta_full, int
       const double dev = cur.phi[a] - mu;
       dz[a] = dev / cur.e[a];
       slope -= cur.q[a] / cur.e[a] * dev * dev;
-      dmax = std::max(dmax, std::fabs(dz[a]));
+      dmax = fmax(dmax, fabs(dz[a]));
     }
-    double t = std::min(1.0, 30.0 / std::max(dmax, 1e-300));
-    const double slack = 1e-14 * (1.0 + std::fabs(cur.obj));
+    double t = fmin(1.0, 30.0 / fmax(dmax, 1e-300));
+    const double slack = 1e-14 * (1.0 + fabs(cur.obj));
     for (int a = 0; a < s; ++a) zt[a] = z[a] + t * dz[a];
     mc_state(row, zt, tw, tx, trial);
     bool stalled = false;
@@ -214,7 +213,9 @@ inline double solve_multiclass(const double* p_full, const double* eta_full, int
     }
     if (stalled) break;
     for (int a = 0; a < s; ++a) z[a] = zt[a];
-    std::swap(cur, trial);
+    const McState held = cur;
+    cur = trial;
+    trial = held;
     res = mc_residual(cur, s);
   }
   for (int a = 0; a < s; ++a) q_full[ws.idx[a]] = cur.q[a];
@@ -227,10 +228,10 @@ inline double solve_multiclass(const double* p_full, const double* eta_full, int
 
 constexpr double kUMax = 700.0;
 
-inline double log_sigmoid(double u) { return u >= 0 ? -std::log1p(std::exp(-u)) : u - std::log1p(std::exp(u)); }
-inline double sigmoid(double u) {
-  if (u >= 0) return 1.0 / (1.0 + std::exp(-u));
-  const double e = std::exp(u);
+TGTFAST_PHD double log_sigmoid(double u) { return u >= 0 ? -log1p(exp(-u)) : u - log1p(exp(u)); }
+TGTFAST_PHD double sigmoid(double u) {
+  if (u >= 0) return 1.0 / (1.0 + exp(-u));
+  const double e = exp(u);
   return e / (1.0 + e);
 }
 
@@ -241,13 +242,13 @@ struct BinRow {
   int m;
 };
 
-inline double bin_f(const BinRow& r, double u) {
+TGTFAST_PHD double bin_f(const BinRow& r, double u) {
   const double lq0 = log_sigmoid(u), lq1 = log_sigmoid(-u);
-  return r.c - r.p0 * lq0 - r.p1 * lq1 + r.p0 * poly_value(r.e0, r.m, 2, std::exp(lq1)) +
-         r.p1 * poly_value(r.e1, r.m, 2, std::exp(lq0));
+  return r.c - r.p0 * lq0 - r.p1 * lq1 + r.p0 * poly_value(r.e0, r.m, 2, exp(lq1)) +
+         r.p1 * poly_value(r.e1, r.m, 2, exp(lq0));
 }
 
-inline void bin_derivs(const BinRow& r, double u, double& fu, double& fuu) {
+TGTFAST_PHD void bin_derivs(const BinRow& r, double u, double& fu, double& fuu) {
   const double q0 = sigmoid(u), q1 = sigmoid(-u), s = q0 * q1;
   double av, a1, a2, bv, b1, b2;
   poly(r.e0, r.m, 2, q1, av, a1, a2);
@@ -258,34 +259,43 @@ inline void bin_derivs(const BinRow& r, double u, double& fu, double& fuu) {
   fuu = s + s * (q1 - q0) * tt + s * s * (r.p1 * b2 + r.p0 * a2);
 }
 
-inline double clamp_u(double u) { return std::min(std::max(u, -kUMax), kUMax); }
+TGTFAST_PHD double xlogx(double x) { return x > 0 ? x * log(x) : 0.0; }
+
+TGTFAST_PHD double clamp_u(double u) { return fmin(fmax(u, -kUMax), kUMax); }
 
 // Returns u = logit(q_0) of the global minimiser (may be +-inf at an exact boundary).
-inline double solve_binary(const double* p, const double* eta, int m) {
+TGTFAST_PHD double solve_binary(const double* p, const double* eta, int m) {
   const double p0 = p[0], p1 = p[1];
-  auto xlogx = [](double x) { return x > 0 ? x * std::log(x) : 0.0; };
   const BinRow r{p0, p1, xlogx(p0) + xlogx(p1), eta, eta + 1, m};
   double bnd = 0.0;
   for (int j = 0; j < 2; ++j) {
     double acc = 0.0;
-    for (int i = 0; i < m; ++i) acc += (i + 1) * std::fabs(eta[i * 2 + j]);
-    bnd = std::max(bnd, acc);
+    for (int i = 0; i < m; ++i) acc += (i + 1) * fabs(eta[i * 2 + j]);
+    bnd = fmax(bnd, acc);
   }
   const double lo = p0 / (1 + bnd), hi_c = p1 / (1 + bnd);
-  const double u_lo = clamp_u(std::log(lo) - std::log1p(-lo));
-  const double u_hi = clamp_u(std::log1p(-hi_c) - std::log(hi_c));
+  const double u_lo = clamp_u(log(lo) - log1p(-lo));
+  const double u_hi = clamp_u(log1p(-hi_c) - log(hi_c));
   constexpr int kLin = 41, kLog = 25, kG = kLin + kLog + 1;
   double grid[kG];
   int g = 0;
   for (int i = 0; i < kLin; ++i) {
     const double t = static_cast<double>(i) / (kLin - 1);
     const double q = lo + (1 - lo - hi_c) * t;
-    grid[g++] = clamp_u(std::log(q) - std::log1p(-q));
+    grid[g++] = clamp_u(log(q) - log1p(-q));
   }
   for (int i = 1; i <= kLog; ++i) grid[g++] = u_lo + (u_hi - u_lo) * (static_cast<double>(i) / (kLog + 1));
-  grid[g++] = clamp_u(std::log(p0) - std::log(p1));
-  std::sort(grid, grid + g);
-  g = static_cast<int>(std::unique(grid, grid + g) - grid);  // neighbours are the nearest distinct values
+  grid[g++] = clamp_u(log(p0) - log(p1));
+  for (int i = 1; i < g; ++i) {  // insertion sort (67 values)
+    const double v = grid[i];
+    int j = i - 1;
+    for (; j >= 0 && grid[j] > v; --j) grid[j + 1] = grid[j];
+    grid[j + 1] = v;
+  }
+  int distinct = 1;  // neighbours are the nearest distinct values
+  for (int i = 1; i < g; ++i)
+    if (grid[i] != grid[distinct - 1]) grid[distinct++] = grid[i];
+  g = distinct;
   double fg[kG];
   for (int i = 0; i < g; ++i) fg[i] = bin_f(r, grid[i]);
   // the best three local minima of the grid
@@ -306,11 +316,11 @@ inline double solve_binary(const double* p, const double* eta, int m) {
     }
     best[pos] = i;
   }
-  const double gr = (std::sqrt(5.0) - 1.0) / 2.0;
+  const double gr = 0.6180339887498949;  // (sqrt(5) - 1) / 2
   double u_best = grid[0], f_best = INFINITY;
   for (int bi = 0; bi < nb; ++bi) {
     const int i = best[bi];
-    const double a = grid[std::max(i - 1, 0)], b = grid[std::min(i + 1, g - 1)];
+    const double a = grid[i > 0 ? i - 1 : 0], b = grid[i + 1 < g ? i + 1 : g - 1];
     const double u0 = grid[i], f0 = fg[i];
     double x1 = b - gr * (b - a), x2 = a + gr * (b - a);
     double f1 = bin_f(r, x1), f2 = bin_f(r, x2), lo_b = a, hi_b = b;
@@ -329,7 +339,7 @@ inline double solve_binary(const double* p, const double* eta, int m) {
         f2 = bin_f(r, x2);
       }
     }
-    double u = f1 <= f2 ? x1 : x2, fu = std::min(f1, f2);
+    double u = f1 <= f2 ? x1 : x2, fu = fmin(f1, f2);
     if (f0 < fu) {
       u = u0;
       fu = f0;
@@ -338,11 +348,11 @@ inline double solve_binary(const double* p, const double* eta, int m) {
       double d1, d2;
       bin_derivs(r, u, d1, d2);
       const double step = d2 > 0 ? -d1 / d2 : 0.0;
-      const double un = std::min(std::max(u + step, a), b);
+      const double un = fmin(fmax(u + step, a), b);
       const double fn = bin_f(r, un);
       double dn, dd;
       bin_derivs(r, un, dn, dd);
-      if (fn <= fu + 1e-15 * (1 + std::fabs(fu)) && std::fabs(dn) <= std::fabs(d1)) {
+      if (fn <= fu + 1e-15 * (1 + fabs(fu)) && fabs(dn) <= fabs(d1)) {
         u = un;
         fu = fn;
       }
@@ -358,7 +368,7 @@ inline double solve_binary(const double* p, const double* eta, int m) {
 }
 
 // q* for one row; returns the stationarity residual for K >= 3 and 0 for K <= 2 (where the solve is global).
-inline double solve_row(const double* p, const double* eta, int k, int m, int max_iter, double tol, double* q,
+TGTFAST_PHD double solve_row(const double* p, const double* eta, int k, int m, int max_iter, double tol, double* q,
                         Workspace& ws) {
   if (k == 1) {
     q[0] = 1.0;

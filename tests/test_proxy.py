@@ -385,3 +385,23 @@ def test_proxy_backend_without_kernel_is_refused():
         px.proxy_teacher(p, torch.ones(2), backend="cuda")
     with pytest.raises(ValueError, match="backend"):
         px.proxy_teacher(p, torch.ones(2), backend="nope")
+
+
+@pytest.mark.skipif(tgtfast.backends()["cuda"] != "available", reason="needs the CUDA backend and a GPU")
+@pytest.mark.parametrize("k", [2, 3, 6])
+def test_cuda_solve_matches_cpu(k, backend):
+    if backend != "cpp":
+        pytest.skip("once per k")
+    g = torch.Generator().manual_seed(21)
+    p = teacher(300, k, scale=2.5)
+    p[0] = 1.0 / k
+    eta = torch.rand(7, 5, k, generator=g, dtype=F64) * 11 - 1
+    eta[2] = 0
+    q_cpu = px.proxy_teacher(p, eta, backend="cpp")
+    q_gpu = px.proxy_teacher(p.cuda(), eta.cuda(), backend="cuda")
+    assert q_gpu.is_cuda
+    assert torch.allclose(q_gpu.cpu(), q_cpu, rtol=0, atol=1e-9)
+    y = labels_for(p)
+    a = px.search_coefficients(p, y, num_candidates=10, backend="cpp")
+    b = px.search_coefficients(p.cuda(), y.cuda(), num_candidates=10, backend="cuda")
+    assert torch.allclose(a.candidate_deviations, b.candidate_deviations, rtol=1e-9, atol=1e-15)

@@ -459,14 +459,27 @@ def _diff_step(p_rows, eta_rows, aux, k):
     return torch.softmax(torch.where(supp, zs + dz, z), -1)
 
 
-def _use_cpp(backend: Optional[str]) -> bool:
-    """Whether the compiled solve runs this call (the one dispatch point decides; the data is float64 CPU)."""
+def _solver(backend: Optional[str], device: torch.device) -> str:
+    """Which implementation solves this call: ``"cuda"`` (on `device`), ``"cpp"`` or ``"reference"`` (on CPU
+    copies). The one dispatch point decides; the data is float64."""
     from tgtfast import dispatch
 
-    chosen = dispatch.select(backend, torch.device("cpu"), _F64, op="proxy_teacher")
-    if chosen not in (dispatch.Backend.CPP, dispatch.Backend.REFERENCE):
-        raise ValueError(f"proxy_teacher: backend={chosen.value!r} has no kernel for this op; use 'cpp' or 'reference'")
-    return chosen is dispatch.Backend.CPP
+    chosen = dispatch.select(backend, device, _F64, op="proxy_teacher")
+    if chosen is not dispatch.Backend.CUDA and device.type != "cpu":  # no other GPU kernel: solve on the CPU
+        chosen = dispatch.select(backend, torch.device("cpu"), _F64, op="proxy_teacher")
+    if chosen not in (dispatch.Backend.CUDA, dispatch.Backend.CPP, dispatch.Backend.REFERENCE):
+        raise ValueError(f"proxy_teacher: backend={chosen.value!r} has no kernel for this op; use 'cuda', 'cpp' or "
+                         "'reference'")
+    return chosen.value
+
+
+def _compiled_solve(solver: str, device: torch.device, p64: torch.Tensor, eta64: torch.Tensor, *rest):
+    """Run torch.ops.tgtfast.proxy_solve (no labels) or proxy_deviation_sums (labels first in `rest`) where the
+    solver runs, returning CPU tensors."""
+    dev = device if solver == "cuda" else torch.device("cpu")
+    args = [t.to(dev) if isinstance(t, torch.Tensor) else t for t in (p64, eta64.contiguous(), *rest)]
+    op = torch.ops.tgtfast.proxy_deviation_sums if isinstance(rest[0], torch.Tensor) else torch.ops.tgtfast.proxy_solve
+    return tuple(t.cpu() for t in op(*args))
 
 
 def _aux_from_q(q: torch.Tensor, k: int) -> torch.Tensor:
@@ -551,8 +564,9 @@ def proxy_teacher(
     worst = 0.0
     bs = _block_rows(k)
     with torch.no_grad():
-        if _use_cpp(backend) and k >= 2:
-            q, res = torch.ops.tgtfast.proxy_solve(p64, eta64.contiguous(), max_iter, tol)
+        solver = _solver(backend, dev)
+        if solver != "reference" and k >= 2:
+            q, res = _compiled_solve(solver, dev, p64, eta64, max_iter, tol)
             out = q.view(c * n, k)
             worst = float(res.max()) if res.numel() else 0.0
             if need_grad:
@@ -733,12 +747,13 @@ def _all_reduce(t: torch.Tensor, like: torch.device) -> torch.Tensor:
 
 
 def _search_sums(p64: torch.Tensor, labels: torch.Tensor, eta: torch.Tensor, max_iter: int, tol: float,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, device: torch.device = torch.device("cpu")):
     """(sum_n ||q - y||, sum_n q log q) per candidate, eta [C, M, K]; blocks of the flattened grid, no grad."""
     n, k = p64.shape
     c = eta.shape[0]
-    if _use_cpp(backend):
-        s1, s2, worst_c = torch.ops.tgtfast.proxy_deviation_sums(p64, eta.contiguous(), labels, max_iter, tol)
+    solver = _solver(backend, device)
+    if solver != "reference":
+        s1, s2, worst_c = _compiled_solve(solver, device, p64, eta, labels, max_iter, tol)
         worst = float(worst_c.max()) if worst_c.numel() else 0.0
         if worst > 1e-6:
             warnings.warn(f"search_coefficients: stationarity residual {worst:.3g} > 1e-6 on some rows")
@@ -803,7 +818,6 @@ def search_coefficients(
     Plain KL (``coeffs = 0``) is always candidate 0, so ``result.deviation <= result.kl_deviation``; ties keep the
     earliest candidate.
     """
-    _use_cpp(backend)  # an unknown or unusable backend is refused before any work
     order = _check_int("order", order, 1)
     num_candidates = _check_int("num_candidates", num_candidates, 1)
     refine_steps = _check_int("refine_steps", refine_steps, 0)
@@ -816,6 +830,7 @@ def search_coefficients(
     if isinstance(seed, bool) or not isinstance(seed, Integral):
         raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
     t = _as_tensor(teacher, "teacher")
+    _solver(backend, t.device)  # an unknown or unusable backend is refused before any work
     if teacher_is_logits:
         if not t.is_floating_point():
             raise TypeError(f"teacher must be a floating tensor, got {t.dtype}")
@@ -837,7 +852,7 @@ def search_coefficients(
     cands = torch.cat([torch.zeros((1,) + shape[1:], dtype=_F64), draws])
     eta = cands if per_class else cands[:, :, None].expand(-1, -1, k)
 
-    s1, s2 = _search_sums(p64, labels, eta, 100, 1e-10, backend)
+    s1, s2 = _search_sums(p64, labels, eta, 100, 1e-10, backend, t.device)
     cnt = torch.tensor([float(n)], dtype=_F64)
     if use_dist:
         red = _all_reduce(torch.cat([s1, s2, cnt]), t.device)
