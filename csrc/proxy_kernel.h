@@ -117,6 +117,31 @@ TGTFAST_PHD void mc_state(const McRow& r, const double* z, double* tmp_w, double
   st.lam = lam;
 }
 
+// The state at the start z = log p, where q = p exactly (no exponentials needed).
+TGTFAST_PHD void mc_state_at_teacher(const McRow& r, double* tmp_x, McState& st) {
+  double prefix = 0.0;
+  for (int j = 0; j < r.s; ++j) {
+    tmp_x[j] = prefix;
+    prefix += r.p[j];
+  }
+  double suffix = 0.0, obj = 0.0, lam = 0.0;
+  for (int j = r.s - 1; j >= 0; --j) {
+    const double x = (tmp_x[j] + suffix) / prefix;  // 1 - q_j as the sum of the others
+    suffix += r.p[j];
+    double pv, d1, d2;
+    poly(r.eta + j, r.m, r.s, x, pv, d1, d2);
+    st.q[j] = r.p[j] / prefix;
+    st.logq[j] = r.logp[j] - log(prefix);
+    st.ratio[j] = r.p[j] / st.q[j];
+    st.phi[j] = st.ratio[j] + r.p[j] * d1;
+    st.e[j] = st.ratio[j] + r.p[j] * st.q[j] * d2;
+    obj += r.p[j] * (pv - st.logq[j]);
+    lam += st.q[j] * st.phi[j];
+  }
+  st.obj = obj;
+  st.lam = lam;
+}
+
 TGTFAST_PHD double mc_objective(const McRow& r, const double* z, double* tmp_w, double* tmp_q, double* tmp_lq,
                            double* tmp_x) {
   softmax_parts(z, r.s, tmp_w, tmp_q, tmp_lq, tmp_x);
@@ -164,7 +189,7 @@ TGTFAST_PHD double solve_multiclass(const double* p_full, const double* eta_full
     for (int i = 0; i < m; ++i) eta[i * s + a] = eta_full[i * k + j];
   }
   const McRow row{s, m, p, logp, eta};
-  mc_state(row, z, tw, tx, cur);
+  mc_state_at_teacher(row, tx, cur);
   double res = mc_residual(cur, s);
   for (int it = 0; it < max_iter && res > tol; ++it) {
     // constrained Newton step, mapped to the logits
