@@ -2,7 +2,6 @@
 // the CUDA registrations of tgtfast::perturb, tgtfast::latent_noise_ and tgtfast::temperature_softmax
 // (schemas in csrc/ops.cpp). Compiled only when torch has CUDA.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
