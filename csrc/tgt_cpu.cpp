@@ -33,8 +33,8 @@ void check_stream(int64_t offset, int64_t numel, const char* op) {
 }
 
 void run_perturb(const cpu::PerturbArgs& args) {
-  at::parallel_for(0, args.numel, kNoiseGrain,
-                   [&](int64_t begin, int64_t end) { cpu::perturb_range(args, begin, end); });
+  const auto fn = cpu::cpu_has_avx2() ? &cpu::perturb_range_avx2 : &cpu::perturb_range_base;
+  at::parallel_for(0, args.numel, kNoiseGrain, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
 }
 
 at::Tensor perturb_cpu(const at::Tensor& z, double sigma, int64_t seed, int64_t offset) {
@@ -87,7 +87,8 @@ at::Tensor temperature_softmax_cpu(const at::Tensor& logits, double temperature)
   args.cols = K;
   args.inv_temperature = 1.0 / temperature;
   const int64_t grain = std::max<int64_t>(1, 16384 / K);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { cpu::softmax_rows(args, begin, end); });
+  const auto fn = cpu::cpu_has_avx2() ? &cpu::softmax_rows_avx2 : &cpu::softmax_rows_base;
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
   return y;
 }
 

@@ -1,10 +1,12 @@
 // TGT kernels on the CPU: the counter-based latent perturbation and the temperature softmax. Plain C++ on
-// raw pointers, no torch headers; the torch-facing launcher is tgt_cpu.cpp.
+// raw pointers, no torch headers; the torch-facing launcher is tgt_cpu.cpp. The body (tgt_cpu_kernel.inc) is
+// compiled for AVX2+FMA and for the baseline instruction set; the launcher picks one with cpu_has_avx2().
 //
 //   perturb:  out[i] = z[i] + sigma * n(seed, offset + i)      (z may be null: out[i] = sigma * n(...))
 //   softmax:  y[r, :] = softmax(x[r, :] * inv_temperature)
 //
-// n(seed, j) is tgtfast::philox::normal_at (csrc/philox.h), computed in float32. The arithmetic is float32
+// n(seed, j) is tgtfast::philox::normal_at (csrc/philox.h) in float32, within a few ulps (vectorised log and
+// sin/cos in place of libm's). The arithmetic is float32
 // for float32/bfloat16/float16 data and float64 for float64 data (the noise itself is float32).
 #pragma once
 
@@ -26,7 +28,8 @@ struct PerturbArgs {
 };
 
 // Writes out[begin, end). Thread-safe for disjoint ranges; the result does not depend on how the range is cut.
-void perturb_range(const PerturbArgs& args, int64_t begin, int64_t end);
+void perturb_range_avx2(const PerturbArgs& args, int64_t begin, int64_t end);
+void perturb_range_base(const PerturbArgs& args, int64_t begin, int64_t end);
 
 struct SoftmaxArgs {
   const void* x = nullptr;  // [rows, cols] of `dtype`, contiguous
@@ -38,7 +41,8 @@ struct SoftmaxArgs {
 };
 
 // Writes rows [begin, end). Thread-safe for disjoint row ranges.
-void softmax_rows(const SoftmaxArgs& args, int64_t begin, int64_t end);
+void softmax_rows_avx2(const SoftmaxArgs& args, int64_t begin, int64_t end);
+void softmax_rows_base(const SoftmaxArgs& args, int64_t begin, int64_t end);
 
 }  // namespace cpu
 }  // namespace tgtfast

@@ -41,12 +41,14 @@ TeacherPart = Union[nn.Module, Callable[[torch.Tensor], torch.Tensor], Sequence[
 _ACTIVATIONS = {
     "relu": F.relu,
     "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "silu": F.silu,
     "tanh": torch.tanh,
     "sigmoid": torch.sigmoid,
     "identity": lambda x: x,
 }
-_ACTIVATION_MODULES = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity)
+_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "identity"}
+_MLP_DTYPES = (torch.float32, torch.bfloat16)  # what the fused MLP chain takes for z (z is [B, d])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,20 +235,35 @@ def _check_layers(layers: Sequence, name: str) -> List[Tuple[torch.Tensor, Optio
     return checked
 
 
-def _widths(part: object, name: str) -> Optional[Tuple[int, int, torch.dtype]]:
-    """(input width, output width, weight dtype) of an explicit layer list or an nn.Sequential whose first and
-    last width-changing layers are nn.Linear; None when that cannot be read before running."""
+def _sequential_layers(part: nn.Sequential) -> Optional[List[Tuple[torch.Tensor, Optional[torch.Tensor], str]]]:
+    """An nn.Sequential of nn.Linear, each optionally followed by one supported activation, as layers; else None."""
+    layers: List[list] = []
+    for m in part:
+        if isinstance(m, nn.Linear):
+            layers.append([m.weight, m.bias, "identity", False])
+            continue
+        if isinstance(m, nn.GELU):
+            act = {"none": "gelu", "tanh": "gelu_tanh"}.get(m.approximate)
+        else:
+            act = _ACTIVATION_MODULES.get(type(m))
+        if act is None or not layers or layers[-1][3]:
+            if act == "identity":
+                continue
+            return None
+        if act != "identity":
+            layers[-1][2], layers[-1][3] = act, True
+    return [(w, b, act) for w, b, act, _ in layers] or None
+
+
+def _as_layers(part: object, name: str, mlp) -> Optional[List[Tuple[torch.Tensor, Optional[torch.Tensor], str]]]:
+    """`part` as ``[(weight, bias, activation name), ...]`` when it is an MLP, else None. Uses the fused MLP
+    module's reading (`mlp.as_mlp`) when it is installed; a bad explicit list raises naming `name`."""
+    if mlp is not None:
+        return mlp.as_mlp(part, name=name)
     if _is_layer_list(part):
-        layers = _check_layers(part, name)
-        return layers[0][0].shape[1], layers[-1][0].shape[0], layers[0][0].dtype
-    if isinstance(part, nn.Sequential) and len(part) > 0:
-        mods = list(part)
-        if not all(isinstance(m, (nn.Linear,) + _ACTIVATION_MODULES) for m in mods):
-            return None
-        linears = [m for m in mods if isinstance(m, nn.Linear)]
-        if not linears:
-            return None
-        return linears[0].in_features, linears[-1].out_features, linears[0].weight.dtype
+        return _check_layers(part, name)
+    if isinstance(part, nn.Sequential):
+        return _sequential_layers(part)
     return None
 
 
@@ -267,10 +284,10 @@ def _check_part(part: object, name: str, device: torch.device) -> None:
             raise ValueError(f"{name} has parameters on {t.device} but z is on {device}")
 
 
-def _frozen_call(part: object, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A callable running `part` with its parameters detached (the teacher is frozen)."""
+def _frozen_call(part: object, layers) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A callable running `part` (its normalised `layers` for an explicit list) with its parameters detached."""
     if _is_layer_list(part):
-        layers = [(w.detach(), None if b is None else b.detach(), _ACTIVATIONS[a]) for w, b, a in _check_layers(part, name)]
+        layers = [(w.detach(), None if b is None else b.detach(), _ACTIVATIONS[a]) for w, b, a in layers]
 
         def run_layers(x: torch.Tensor) -> torch.Tensor:
             for w, b, act in layers:
@@ -282,6 +299,15 @@ def _frozen_call(part: object, name: str) -> Callable[[torch.Tensor], torch.Tens
         params = {k: v.detach() for k, v in part.named_parameters()}
         return lambda x: torch.func.functional_call(part, params, (x,))
     return part
+
+
+def _load_mlp():
+    """The fused MLP chain module (tgtfast._mlp), or None when this build has none."""
+    try:
+        from tgtfast import _mlp
+    except ImportError:
+        return None
+    return _mlp
 
 
 def _requires_grad(part: object) -> bool:
@@ -321,14 +347,17 @@ def perturb_decode_label(
 
     * When both ``decoder`` and ``labeler`` are MLPs (``nn.Sequential`` of ``nn.Linear`` and ReLU / GELU /
       SiLU / Tanh / Sigmoid / Identity, or explicit lists of ``(weight [out, in], bias [out] or None,
-      activation)`` with activation one of ``"relu"``, ``"gelu"``, ``"silu"``, ``"tanh"``, ``"sigmoid"``,
-      ``"identity"`` or ``None``) and the fused MLP kernels are installed, the whole chain runs fused.
+      activation)`` with activation one of ``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"silu"``, ``"tanh"``,
+      ``"sigmoid"``, ``"identity"`` or ``None``), ``z`` is ``[B, d]`` float32 or bfloat16 and the fused MLP
+      kernels are installed, the whole chain runs fused.
     * Otherwise the fused perturbation runs before the decoder and the fused temperature softmax after the
-      labeler, with the given modules (any ``nn.Module`` or callable) in between.
+      labeler, with the given modules (any ``nn.Module`` or callable; explicit lists run as ``F.linear`` and
+      the activation) in between.
 
     Gradients: both outputs are differentiable with respect to ``z`` (gradient-based exploration). The teacher
-    is frozen: its parameters are used detached and never receive a gradient, on any path; a ``UserWarning``
-    says so when one of them requires grad. (A plain callable that is not an ``nn.Module`` is called as is.)
+    is frozen: its parameters are used detached and never receive a gradient, on any path (``.grad`` stays
+    ``None``); a ``UserWarning`` says so when one of them requires grad (the fused MLP path says it once per
+    process). A plain callable that is not an ``nn.Module`` is called as is.
 
     Args:
         z: latent codes ``[..., d]`` (float32, float64, bfloat16, float16).
@@ -357,14 +386,22 @@ def perturb_decode_label(
     offset = _check_offset(offset, z.numel())
     _check_part(decoder, "decoder", z.device)
     _check_part(labeler, "labeler", z.device)
-    dec_w, lab_w = _widths(decoder, "decoder"), _widths(labeler, "labeler")
-    if dec_w is not None:
-        if dec_w[0] != z.shape[-1]:
-            raise ValueError(f"decoder takes latent width {dec_w[0]} but z has width {z.shape[-1]} (last dimension)")
-        if dec_w[2] != z.dtype:
-            raise ValueError(f"decoder weights are {dec_w[2]} but z is {z.dtype}")
-    if dec_w is not None and lab_w is not None and dec_w[1] != lab_w[0]:
-        raise ValueError(f"labeler takes inputs of width {lab_w[0]} but the decoder outputs width {dec_w[1]}")
+    mlp = _load_mlp()
+    dec_layers, lab_layers = _as_layers(decoder, "decoder", mlp), _as_layers(labeler, "labeler", mlp)
+    if dec_layers is not None and dec_layers[0][0].shape[1] != z.shape[-1]:
+        raise ValueError(
+            f"decoder takes latent width {dec_layers[0][0].shape[1]} but z has width {z.shape[-1]} (last dimension)"
+        )
+    if dec_layers is not None and lab_layers is not None and dec_layers[-1][0].shape[0] != lab_layers[0][0].shape[1]:
+        raise ValueError(
+            f"labeler takes inputs of width {lab_layers[0][0].shape[1]} but the decoder outputs width "
+            f"{dec_layers[-1][0].shape[0]}"
+        )
+    if mlp is not None and dec_layers is not None and lab_layers is not None and z.dim() == 2 and z.dtype in _MLP_DTYPES:
+        return mlp.perturb_decode_label_mlp(
+            z, dec_layers, lab_layers, sigma=sigma, seed=seed, offset=offset, temperature=temperature, backend=backend
+        )
+
     if torch.is_grad_enabled() and (_requires_grad(decoder) or _requires_grad(labeler)):
         warnings.warn(
             "perturb_decode_label: the teacher (decoder and labeler) is frozen; its parameters that require grad "
@@ -372,23 +409,9 @@ def perturb_decode_label(
             UserWarning,
             stacklevel=2,
         )
-
-    try:
-        from tgtfast import _mlp
-    except ImportError:
-        _mlp = None
-    if _mlp is not None:
-        dec_layers = _mlp.as_mlp(decoder, name="decoder")
-        lab_layers = _mlp.as_mlp(labeler, name="labeler") if dec_layers is not None else None
-        if dec_layers is not None and lab_layers is not None:
-            return _mlp.perturb_decode_label_mlp(
-                z, dec_layers, lab_layers, sigma=sigma, seed=seed, offset=offset, temperature=temperature,
-                backend=backend,
-            )
-
     z_new = perturb(z, sigma, seed, offset, backend=backend)
-    x_new = _run(_frozen_call(decoder, "decoder"), z_new, "decoder", "the perturbed latent")
-    logits = _run(_frozen_call(labeler, "labeler"), x_new, "labeler", "the decoder output")
+    x_new = _run(_frozen_call(decoder, dec_layers), z_new, "decoder", "the perturbed latent")
+    logits = _run(_frozen_call(labeler, lab_layers), x_new, "labeler", "the decoder output")
     if logits.dim() == 0 or not logits.is_floating_point():
         raise ValueError(
             f"labeler must return floating logits [..., K], got {logits.dtype} of shape {tuple(logits.shape)}"
