@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ptloss_rows", "ptloss", "reduce_rows", "mask_rows", "philox4x32_10", "latent_noise"]
+__all__ = ["ptloss_rows", "ptloss", "reduce_rows", "mask_rows", "philox4x32_10", "latent_noise",
+           "mlp_forward", "perturb_decode_label_mlp"]
 
 
 def ptloss_rows(
@@ -150,3 +151,33 @@ def latent_noise(shape, seed: int, offset: int = 0, *, device=None, dtype=torch.
     theta = 6.283185307179586 * u2
     n = radius * torch.where((j & 1) == 1, torch.sin(theta), torch.cos(theta))
     return n.reshape(tuple(shape)).to(device=device, dtype=dtype)
+
+
+_MLP_ACTIVATIONS = {
+    "identity": lambda x: x,
+    "relu": torch.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+
+
+def mlp_forward(x: torch.Tensor, layers) -> torch.Tensor:
+    """An MLP given as ``[(weight [out, in], bias or None, activation name), ...]``, computed in x's dtype."""
+    for w, b, act in layers:
+        x = _MLP_ACTIVATIONS[act](F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype)))
+    return x
+
+
+def perturb_decode_label_mlp(z, dec_layers, lab_layers, *, sigma: float, seed: int, offset: int = 0,
+                             temperature: float = 1.0):
+    """``x = dec(z + sigma * latent_noise(z.shape, seed, offset))``, ``softmax(lab(x) / temperature)``.
+
+    Computed in float32 (float64 for a float64 ``z``) and returned in z's dtype."""
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    noise = latent_noise(z.shape, seed, offset, device=z.device, dtype=acc)
+    x = mlp_forward(z.to(acc) + sigma * noise, dec_layers)
+    soft = torch.softmax(mlp_forward(x, lab_layers) / temperature, dim=-1)
+    return x.to(z.dtype), soft.to(z.dtype)
