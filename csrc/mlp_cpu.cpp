@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -21,7 +22,16 @@
 namespace tgtfast {
 namespace {
 
-constexpr int64_t kBlockRows = 64;
+// Rows per block: 64 keeps a block's widest activations (64 x 1024 floats = 256 KiB) within L2 next to the
+// weights' working set. TGTFAST_MLP_BLOCK_ROWS (read once) overrides it for tuning.
+int64_t block_rows() {
+  static const int64_t rows = [] {
+    const char* env = std::getenv("TGTFAST_MLP_BLOCK_ROWS");
+    const long v = env != nullptr ? std::strtol(env, nullptr, 10) : 0;
+    return v >= 1 && v <= 4096 ? static_cast<int64_t>(v) : int64_t{64};
+  }();
+  return rows;
+}
 
 uint16_t to_bf16_bits(float f) {
   const auto b = c10::BFloat16(f);  // round to nearest even, NaN kept
@@ -78,6 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cpu(
   const cpu::MlpIsa isa = cpu::cpu_has_avx2() ? cpu::mlp_isa_avx2() : cpu::mlp_isa_base();
   const float inv_t = static_cast<float>(1.0 / temperature);
   const uint64_t useed = static_cast<uint64_t>(seed);
+  const int64_t kBlockRows = block_rows();
   const int64_t blocks = (B + kBlockRows - 1) / kBlockRows;
   const auto fopts = z.options().dtype(at::kFloat);
 
