@@ -1,6 +1,6 @@
 """Time the TGT latent perturbation and the temperature softmax against their eager counterparts, in one run.
 
-    python benchmarks/bench_tgt.py [--n 4096] [--d 512] [--k 1000] [--repeats 7] [--threads T]
+    python benchmarks/bench_noise.py [--n 4096] [--d 512] [--k 1000] [--repeats 7] [--threads T]
 
 Rows (median of ``repeats`` timed calls after one warm-up, min-max in brackets):
 

@@ -21,6 +21,12 @@ TORCH_LIBRARY(tgtfast, m) {
   m.def("latent_noise_(Tensor(a!) out, int seed, int offset) -> ()");
   // softmax(logits / temperature) over the last dimension.
   m.def("temperature_softmax(Tensor logits, float temperature) -> Tensor");
+  // Fused MLP chain of tgtfast/_mlp.py: x_new = decoder(z + sigma * noise(seed, offset)) (layers
+  // [0, num_decoder_layers)), soft = softmax(labeler(x_new) / temperature). Weights are float32 [out, in];
+  // activation codes as tgtfast/_mlp.py ACTIVATIONS. Returns (x_new, soft, perturbed latent [B, d] float32 or [0]).
+  m.def(
+      "mlp_chain_fwd(Tensor z, Tensor[] weights, Tensor?[] biases, int[] activations, int num_decoder_layers, "
+      "float sigma, int seed, int offset, float temperature, bool need_perturbed) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -356,3 +356,24 @@ def test_cuda_temperature_softmax(dtype):
     got = tgtfast.temperature_softmax(x.cuda(), 1.3, backend="cuda").cpu()
     tol = {torch.float32: 1e-6, torch.bfloat16: 4e-3, torch.float16: 5e-4}[dtype]
     torch.testing.assert_close(got.double(), torch.softmax(x.double() / 1.3, -1), atol=tol, rtol=1e-2)
+
+
+def test_routing_to_the_fused_mlp_chain(monkeypatch):
+    """MLP teachers with a [B, d] float32/bfloat16 latent go to the fused chain (when installed), others do not."""
+    mlp = pytest.importorskip("tgtfast._mlp")
+    calls = []
+
+    def fake(z, dec, lab, **kw):
+        calls.append((len(dec), len(lab), kw))
+        return z, z
+
+    monkeypatch.setattr(mlp, "perturb_decode_label_mlp", fake)
+    dec, lab = _mlp([6, 10, 8]), _mlp([8, 4])
+    tgtfast.perturb_decode_label(torch.randn(3, 6), dec, lab, sigma=0.1, seed=5, offset=2, temperature=1.5)
+    assert calls == [(2, 1, dict(sigma=0.1, seed=5, offset=2, temperature=1.5, backend=None))]
+    # not an MLP, a 3-D latent, a float64 latent: the generic path
+    tgtfast.perturb_decode_label(torch.randn(3, 6), _frozen(ConvDecoder()), _frozen(ConvLabeler()), sigma=0.1, seed=5)
+    tgtfast.perturb_decode_label(torch.randn(2, 3, 6), dec, lab, sigma=0.1, seed=5)
+    tgtfast.perturb_decode_label(torch.randn(3, 6, dtype=torch.float64), _mlp([6, 8], dtype=torch.float64),
+                                 _mlp([8, 4], dtype=torch.float64), sigma=0.1, seed=5)
+    assert len(calls) == 1

@@ -96,7 +96,7 @@ except Exception as exc:  # triton missing or broken: the dispatcher reports the
 # ------------------------------------------------------------------------------------------------
 # Teacher Guided Training: the latent perturbation z + sigma * noise(seed, offset), the noise fill, and the
 # temperature softmax of the generic perturb -> decode -> label path (tgtfast/tgt.py). Tables map a backend
-# name to the op; a backend missing from a table cannot run that op (tgtfast.dispatch.select checks).
+# name to the op; tgtfast/tgt.py declares the backends missing from a table to the dispatcher (register_op).
 PERTURB: Dict[str, Callable] = {}
 LATENT_NOISE: Dict[str, Callable] = {}
 TEMPERATURE_SOFTMAX: Dict[str, Callable] = {}

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tgtfast import _ops, reference
-from tgtfast.dispatch import Backend, select
+from tgtfast.dispatch import Backend, register_op, select
 
 __all__ = ["latent_noise", "perturb", "temperature_softmax", "perturb_decode_label"]
 
@@ -49,6 +49,22 @@ _ACTIVATIONS = {
 }
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "identity"}
 _MLP_DTYPES = (torch.float32, torch.bfloat16)  # what the fused MLP chain takes for z (z is [B, d])
+
+
+def _declare_ops() -> None:
+    """Tell the dispatcher which backends have kernels for the ops of this module (tables in tgtfast._ops)."""
+    for op, table in (("perturb", _ops.PERTURB), ("latent_noise", _ops.LATENT_NOISE),
+                      ("temperature_softmax", _ops.TEMPERATURE_SOFTMAX)):
+        missing = {}
+        for b in ("cpp", "cuda"):
+            if b not in table:
+                missing[b] = f"the compiled extension has no {op} op"
+        if "triton" not in table:
+            missing["triton"] = f"Triton kernels failed to load ({_ops.tgt_triton_error})"
+        register_op(op, missing=missing, dtypes={"cuda": _FLOAT_DTYPES, "triton": _FLOAT_DTYPES})
+
+
+_declare_ops()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,7 +166,7 @@ def latent_noise(
     seed = _check_seed(seed)
     out = torch.empty(tuple(int(s) for s in shape), dtype=dtype, device=device)
     offset = _check_offset(offset, out.numel())
-    chosen = select(backend, out.device, dtype, op="latent_noise", kernels=_ops.LATENT_NOISE)
+    chosen = select(backend, out.device, dtype, op="latent_noise")
     if chosen is Backend.REFERENCE:
         return reference.latent_noise(out.shape, seed, offset, device=out.device, dtype=dtype)
     _ops.LATENT_NOISE[chosen.value](out, _seed_arg(seed), offset)
@@ -175,7 +191,7 @@ def perturb(z: torch.Tensor, sigma: float, seed: int, offset: int = 0, *, backen
     sigma = _check_real("sigma", sigma, positive=False)
     seed = _check_seed(seed)
     offset = _check_offset(offset, z.numel())
-    chosen = select(backend, z.device, z.dtype, op="perturb", kernels=_ops.PERTURB)
+    chosen = select(backend, z.device, z.dtype, op="perturb")
     if chosen is Backend.REFERENCE:
         return reference.perturb(z, sigma, seed, offset)
     return _ops.PERTURB[chosen.value](z, sigma, _seed_arg(seed), offset)
@@ -194,7 +210,7 @@ def temperature_softmax(logits: torch.Tensor, temperature: float = 1.0, *, backe
     if logits.shape[-1] == 0:
         raise ValueError("logits has an empty class dimension (K = 0)")
     temperature = _check_real("temperature", temperature, positive=True)
-    chosen = select(backend, logits.device, logits.dtype, op="temperature_softmax", kernels=_ops.TEMPERATURE_SOFTMAX)
+    chosen = select(backend, logits.device, logits.dtype, op="temperature_softmax")
     if chosen is Backend.REFERENCE:
         return reference.temperature_softmax(logits, temperature)
     return _ops.TEMPERATURE_SOFTMAX[chosen.value](logits, temperature)
