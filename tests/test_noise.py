@@ -9,6 +9,7 @@ with itself: same ``(seed, offset)``, same bits, however the work is split.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ from tgtfast import reference
 from conftest import cpu_backends, needs_backend
 
 SEEDS = [0, 1, 12345, 2**32 + 7, 2**63 + 5, 2**64 - 1]
+# Triton runs CPU tensors under TRITON_INTERPRET=1 (set by conftest without a GPU), CUDA tensors otherwise
+TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "cuda"
 # different log / sin / cos implementations: a few float32 ulps of values of order 1 (|n| <= 5.7)
 NOISE_TOL = dict(atol=4e-6, rtol=4e-6)
 
@@ -90,8 +93,8 @@ def test_latent_noise_matches_reference(backend, seed, shape, offset):
 @pytest.mark.parametrize("seed", [0, 1, 2**32 + 7, 2**64 - 1])
 @pytest.mark.parametrize("shape,offset", [((7,), 3), ((3, 37), 2**33 + 2)])
 def test_latent_noise_triton(seed, shape, offset):
-    got = tgtfast.latent_noise(shape, seed, offset, backend="triton")
-    torch.testing.assert_close(got, reference.latent_noise(shape, seed, offset), **NOISE_TOL)
+    got = tgtfast.latent_noise(shape, seed, offset, device=TRITON_DEVICE, backend="triton")
+    torch.testing.assert_close(got.cpu(), reference.latent_noise(shape, seed, offset), **NOISE_TOL)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -207,7 +210,7 @@ def test_perturb_matches_reference(backend, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_perturb_triton(dtype):
     z = torch.randn(3, 41).to(dtype)
-    got = tgtfast.perturb(z, 1.5, 2**64 - 3, 6, backend="triton")
+    got = tgtfast.perturb(z.to(TRITON_DEVICE), 1.5, 2**64 - 3, 6, backend="triton").cpu()
     eps = 4e-6 if dtype == torch.float32 else 8e-3
     torch.testing.assert_close(got.double(), reference.perturb(z, 1.5, 2**64 - 3, 6).double(), atol=2 * eps, rtol=2 * eps)
 
@@ -342,3 +345,26 @@ def test_cuda_triton_agree():
     a = tgtfast.latent_noise((17, 1000), 77, 3, device="cuda", backend="cuda")
     b = tgtfast.latent_noise((17, 1000), 77, 3, device="cuda", backend="triton")
     torch.testing.assert_close(a, b, **NOISE_TOL)
+
+
+try:  # a Triton kernel of another module that draws the stream through kernels/noise.py's normal_at
+    import triton
+    import triton.language as tl
+
+    from tgtfast.kernels.noise import normal_at
+
+    @triton.jit
+    def _scaled_noise(out_ptr, n, seed, offset, scale, BLOCK: tl.constexpr):
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        tl.store(out_ptr + idx, scale * normal_at(seed, offset + idx), mask=idx < n)
+
+except ImportError:  # no triton: the test below skips
+    _scaled_noise = None
+
+
+@needs_backend("triton")
+def test_triton_normal_at_is_reusable():
+    """kernels/noise.py's normal_at can be called from another Triton kernel (as the fused MLP chain may)."""
+    out = torch.empty(50, device=TRITON_DEVICE)
+    _scaled_noise[(2,)](out, 50, -3, 7, 2.0, BLOCK=32)  # seed -3: the int64 bits of 2**64 - 3
+    torch.testing.assert_close(out.cpu(), 2.0 * reference.latent_noise((50,), 2**64 - 3, 7), **NOISE_TOL)

@@ -8,6 +8,7 @@ covered, and the teacher must stay frozen.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -19,6 +20,8 @@ from tgtfast import reference
 
 from conftest import cpu_backends, needs_backend
 
+# Triton runs CPU tensors under TRITON_INTERPRET=1 (set by conftest without a GPU), CUDA tensors otherwise
+TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "cuda"
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float64: dict(atol=1e-5, rtol=1e-5),
        torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
@@ -65,7 +68,7 @@ def test_temperature_softmax_extremes(backend):
 @pytest.mark.parametrize("shape", [(3, 7), (2, 5000)])  # one tile, and the two-sweep path for long rows
 def test_temperature_softmax_triton(shape):
     x = torch.randn(shape) * 3
-    got = tgtfast.temperature_softmax(x, 1.7, backend="triton")
+    got = tgtfast.temperature_softmax(x.to(TRITON_DEVICE), 1.7, backend="triton").cpu()
     torch.testing.assert_close(got, torch.softmax(x / 1.7, -1), atol=1e-6, rtol=1e-5)
 
 
@@ -132,8 +135,8 @@ def _run(fn, z, *args, **kwargs):
     """(x_new, soft_labels, dz) with a non-trivial upstream gradient on both outputs."""
     z = z.detach().clone().requires_grad_(True)
     x_new, soft = fn(z, *args, **kwargs)
-    gx = torch.linspace(-1, 1, x_new.numel(), dtype=x_new.dtype).reshape(x_new.shape)
-    gs = torch.linspace(2, -1, soft.numel(), dtype=soft.dtype).reshape(soft.shape)
+    gx = torch.linspace(-1, 1, x_new.numel(), dtype=x_new.dtype, device=x_new.device).reshape(x_new.shape)
+    gs = torch.linspace(2, -1, soft.numel(), dtype=soft.dtype, device=soft.device).reshape(soft.shape)
     ((x_new * gx).sum() + (soft * gs).sum() * 3).backward()
     return x_new.detach(), soft.detach(), z.grad
 
@@ -172,9 +175,10 @@ def test_generic_path_bfloat16(backend):
 def test_generic_path_triton():
     dec, lab = _frozen(ConvDecoder()), _frozen(ConvLabeler())
     z = torch.randn(2, 6)
-    got = _run(tgtfast.perturb_decode_label, z, dec, lab, backend="triton", **KW)
     want = _run(reference.perturb_decode_label, z, dec, lab, **KW)
-    _compare(got, want, torch.float32)
+    d = TRITON_DEVICE
+    got = _run(tgtfast.perturb_decode_label, z.to(d), dec.to(d), lab.to(d), backend="triton", **KW)
+    _compare([g.cpu() for g in got], want, torch.float32)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
