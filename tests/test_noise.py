@@ -368,3 +368,17 @@ def test_triton_normal_at_is_reusable():
     out = torch.empty(50, device=TRITON_DEVICE)
     _scaled_noise[(2,)](out, 50, -3, 7, 2.0, BLOCK=32)  # seed -3: the int64 bits of 2**64 - 3
     torch.testing.assert_close(out.cpu(), 2.0 * reference.latent_noise((50,), 2**64 - 3, 7), **NOISE_TOL)
+
+
+@needs_backend("triton")
+def test_triton_ops_registration_opcheck():
+    """The torch.library.triton_op registrations: schema and autograd everywhere; fake tensors and AOT tracing
+    only on the GPU (the interpreter cannot run a kernel on the fake tensors those checks use)."""
+    utils = None if TRITON_DEVICE == "cuda" else ("test_schema", "test_autograd_registration")
+    kw = {} if utils is None else {"test_utils": utils}
+    d = TRITON_DEVICE
+    z = torch.randn(3, 10, device=d, requires_grad=True)
+    torch.library.opcheck(torch.ops.tgtfast.perturb_triton.default, (z, 0.5, -7, 3), **kw)
+    torch.library.opcheck(torch.ops.tgtfast.latent_noise_triton_.default, (torch.empty(2, 9, device=d), 11, 2), **kw)
+    x = torch.randn(4, 7, device=d, requires_grad=True)
+    torch.library.opcheck(torch.ops.tgtfast.temperature_softmax_triton.default, (x, 2.0), **kw)
