@@ -14,6 +14,19 @@ TORCH_LIBRARY(tgtfast, m) {
       "ptloss_fwd(Tensor student, Tensor teacher, Tensor coeffs, Tensor? valid, float temperature, "
       "float label_smoothing, bool teacher_is_logits, bool need_grad_student, bool need_grad_teacher, "
       "float grad_scale=1.0) -> (Tensor, Tensor, Tensor)");
+  // TGT latent perturbation (csrc/philox.h): z + sigma * noise(seed, offset), the noise never stored. The seed's
+  // 64 bits travel as a (two's complement) int; offset >= 0 is the stream index of element 0.
+  m.def("perturb(Tensor z, float sigma, int seed, int offset) -> Tensor");
+  // Fills `out` with the noise stream of (seed, offset) (the perturbation of zeros with sigma = 1).
+  m.def("latent_noise_(Tensor(a!) out, int seed, int offset) -> ()");
+  // softmax(logits / temperature) over the last dimension.
+  m.def("temperature_softmax(Tensor logits, float temperature) -> Tensor");
+  // Fused MLP chain of tgtfast/_mlp.py: x_new = decoder(z + sigma * noise(seed, offset)) (layers
+  // [0, num_decoder_layers)), soft = softmax(labeler(x_new) / temperature). Weights are float32 [out, in];
+  // activation codes as tgtfast/_mlp.py ACTIVATIONS. Returns (x_new, soft, perturbed latent [B, d] float32 or [0]).
+  m.def(
+      "mlp_chain_fwd(Tensor z, Tensor[] weights, Tensor?[] biases, int[] activations, int num_decoder_layers, "
+      "float sigma, int seed, int offset, float temperature, bool need_perturbed) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

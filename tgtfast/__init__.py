@@ -5,6 +5,8 @@
   :class:`LabelSmoothedKDLoss` and :class:`FocalKDLoss`.
 * :func:`proxy_teacher` / :func:`search_coefficients`: the Proxy Teacher, which picks PTLoss coefficients on a
   validation set (``tgtfast coeffs`` on the command line).
+* :func:`perturb_decode_label`: Teacher Guided Training's perturb -> decode -> label step, with the counter-based
+  noise :func:`latent_noise`, the fused :func:`perturb` and :func:`temperature_softmax`.
 * :func:`backends`: which implementations this machine can run, and why not the others.
 * :mod:`tgtfast.reference`: the eager PyTorch specification every backend is tested against.
 """
@@ -20,6 +22,7 @@ from tgtfast.proxy import (
     search_coefficients,
     stationarity_residual,
 )
+from tgtfast.tgt import latent_noise, perturb, perturb_decode_label, temperature_softmax
 
 __version__ = "0.1.0"
 
@@ -39,4 +42,8 @@ __all__ = [
     "stationarity_residual",
     "search_coefficients",
     "CoefficientSearchResult",
+    "latent_noise",
+    "perturb",
+    "temperature_softmax",
+    "perturb_decode_label",
 ]

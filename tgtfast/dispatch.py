@@ -5,6 +5,10 @@ CPU under ``TRITON_INTERPRET=1``), ``"cpp"`` (compiled C++ kernels, CPU tensors)
 PyTorch, any device). ``backend=None`` (or ``"auto"``) picks, in order, cuda -> triton for CUDA tensors and
 cpp for CPU tensors, falling back to the reference. The environment variable ``TGTFAST_BACKEND`` overrides
 ``auto`` for the whole process. Nothing else in the package looks at devices to choose an implementation.
+
+Not every op has every backend: a module that defines an op declares, with :func:`register_op`, which backends
+lack it (and why) and, where narrower than the backend's, which dtypes its kernels take; :func:`select` and
+:func:`backends` take the op's name into account.
 """
 
 from __future__ import annotations
@@ -12,13 +16,13 @@ from __future__ import annotations
 import enum
 import importlib.util
 import os
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
 from tgtfast import _ext, _ops
 
-__all__ = ["Backend", "backends", "select"]
+__all__ = ["Backend", "backends", "select", "register_op"]
 
 
 class Backend(str, enum.Enum):
@@ -57,9 +61,7 @@ def _probe() -> Dict[Backend, Optional[str]]:
         status[Backend.CUDA] = None
     if importlib.util.find_spec("triton") is None:
         status[Backend.TRITON] = "triton is not installed"
-    elif "triton" not in _ops.PTLOSS_FWD:
-        status[Backend.TRITON] = f"Triton kernels failed to load ({_ops.triton_error})"
-    else:
+    else:  # whether an op's Triton kernels loaded is that op's business (register_op)
         status[Backend.TRITON] = None
     status[Backend.REFERENCE] = None
     return status
@@ -69,16 +71,39 @@ _PROBED = _probe()
 _HAS_CUDA_DEVICE = torch.cuda.is_available()
 
 
-def _status() -> Dict[Backend, Optional[str]]:
+# op name -> (backend -> why that backend lacks the op, backend -> dtypes the op's kernels take there)
+_OPS: Dict[str, Tuple[Dict[Backend, str], Dict[Backend, Tuple[torch.dtype, ...]]]] = {}
+
+
+def register_op(
+    op: str,
+    missing: Optional[Dict[Union[str, Backend], str]] = None,
+    dtypes: Optional[Dict[Union[str, Backend], Tuple[torch.dtype, ...]]] = None,
+) -> None:
+    """Declare which backends implement `op`: `missing` maps each backend without it (or whose kernels for it
+    failed to load) to the reason; `dtypes` narrows the dtypes a backend takes for this op. Backends not named
+    implement it with all their dtypes. Calling it again for the same op replaces the declaration."""
+    _OPS[op] = (
+        {Backend(b): why for b, why in (missing or {}).items()},
+        {Backend(b): tuple(d) for b, d in (dtypes or {}).items()},
+    )
+
+
+def _status(op: Optional[str] = None) -> Dict[Backend, Optional[str]]:
     status = dict(_PROBED)
+    if op in _OPS:
+        for b, why in _OPS[op][0].items():
+            if status[b] is None:
+                status[b] = why
     if status[Backend.TRITON] is None and not _HAS_CUDA_DEVICE and not triton_interpret():
         status[Backend.TRITON] = "no CUDA device visible (set TRITON_INTERPRET=1 to run on the CPU, slowly)"
     return status
 
 
-def backends() -> Dict[str, str]:
-    """What is available on this machine: ``{name: "available" | "unavailable: <why>"}``."""
-    return {b.value: ("available" if why is None else f"unavailable: {why}") for b, why in _status().items()}
+def backends(op: Optional[str] = None) -> Dict[str, str]:
+    """What is available on this machine: ``{name: "available" | "unavailable: <why>"}``; with `op`, for
+    that op (e.g. ``"ptloss"``, ``"perturb_decode_label_mlp"``)."""
+    return {b.value: ("available" if why is None else f"unavailable: {why}") for b, why in _status(op).items()}
 
 
 def _env_backend() -> Backend:
@@ -91,9 +116,9 @@ def _env_backend() -> Backend:
         ) from None
 
 
-def _supports(backend: Backend, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    """None if `backend` can run on this device and dtype, else why not."""
-    why = _status()[backend]
+def _supports(backend: Backend, device: torch.device, dtype: torch.dtype, op: Optional[str] = None) -> Optional[str]:
+    """None if `backend` can run `op` on this device and dtype, else why not."""
+    why = _status(op)[backend]
     if why is not None:
         return why
     if backend is Backend.CUDA and device.type != "cuda":
@@ -102,7 +127,8 @@ def _supports(backend: Backend, device: torch.device, dtype: torch.dtype) -> Opt
         return f"needs CPU tensors, got {device.type}"
     if backend is Backend.TRITON and device.type != "cuda" and not (device.type == "cpu" and triton_interpret()):
         return f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device.type}"
-    if dtype not in _DTYPES[backend]:
+    dtypes = _OPS[op][1].get(backend, _DTYPES[backend]) if op in _OPS else _DTYPES[backend]
+    if dtype not in dtypes:
         return f"does not take {dtype}"
     return None
 
@@ -124,12 +150,18 @@ def select(
                 f"{op}: backend={backend!r} is not one of {[b.value for b in Backend]}"
             ) from None
     if chosen is not Backend.AUTO:
-        why = _supports(chosen, device, dtype)
+        why = _supports(chosen, device, dtype, op)
         if why is not None:
             raise ValueError(f"{op}: backend={chosen.value!r} cannot run this call: {why}")
         return chosen
     order = (Backend.CUDA, Backend.TRITON) if device.type == "cuda" else (Backend.CPP,)
     for candidate in order:
-        if _supports(candidate, device, dtype) is None:
+        if _supports(candidate, device, dtype, op) is None:
             return candidate
     return Backend.REFERENCE
+
+
+register_op(
+    "ptloss",
+    missing={} if "triton" in _ops.PTLOSS_FWD else {Backend.TRITON: f"Triton kernels failed to load ({_ops.triton_error})"},
+)

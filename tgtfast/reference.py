@@ -11,7 +11,19 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ptloss_rows", "ptloss", "reduce_rows", "mask_rows", "philox4x32_10", "latent_noise"]
+__all__ = [
+    "ptloss_rows",
+    "ptloss",
+    "reduce_rows",
+    "mask_rows",
+    "philox4x32_10",
+    "latent_noise",
+    "perturb",
+    "temperature_softmax",
+    "perturb_decode_label",
+    "mlp_forward",
+    "perturb_decode_label_mlp",
+]
 
 
 def ptloss_rows(
@@ -150,3 +162,56 @@ def latent_noise(shape, seed: int, offset: int = 0, *, device=None, dtype=torch.
     theta = 6.283185307179586 * u2
     n = radius * torch.where((j & 1) == 1, torch.sin(theta), torch.cos(theta))
     return n.reshape(tuple(shape)).to(device=device, dtype=dtype)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def perturb(z: torch.Tensor, sigma: float, seed: int, offset: int = 0) -> torch.Tensor:
+    """``z + sigma * latent_noise(z.shape, seed, offset)``, summed in float32 (float64 for float64 ``z``)."""
+    acc = _acc_dtype(z.dtype)
+    noise = latent_noise(z.shape, seed, offset, device=z.device, dtype=acc)
+    return (z.to(acc) + sigma * noise).to(z.dtype)
+
+
+def temperature_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``softmax(logits / temperature)`` over the last dimension, computed in float32 (float64 for float64)."""
+    return torch.softmax(logits.to(_acc_dtype(logits.dtype)) / temperature, dim=-1).to(logits.dtype)
+
+
+def perturb_decode_label(z, decoder, labeler, *, sigma: float, seed: int, offset: int = 0, temperature: float = 1.0):
+    """TGT random exploration (DESIGN.md section 3): ``x_new = decoder(z + sigma * noise)`` and
+    ``soft_labels = softmax(labeler(x_new) / temperature)``, with the noise of :func:`latent_noise`."""
+    x_new = decoder(perturb(z, sigma, seed, offset))
+    return x_new, temperature_softmax(labeler(x_new), temperature)
+
+
+_MLP_ACTIVATIONS = {
+    "identity": lambda x: x,
+    "relu": torch.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+
+
+def mlp_forward(x: torch.Tensor, layers) -> torch.Tensor:
+    """An MLP given as ``[(weight [out, in], bias or None, activation name), ...]``, computed in x's dtype."""
+    for w, b, act in layers:
+        x = _MLP_ACTIVATIONS[act](F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype)))
+    return x
+
+
+def perturb_decode_label_mlp(z, dec_layers, lab_layers, *, sigma: float, seed: int, offset: int = 0,
+                             temperature: float = 1.0):
+    """``x = dec(z + sigma * latent_noise(z.shape, seed, offset))``, ``softmax(lab(x) / temperature)``.
+
+    Computed in float32 (float64 for a float64 ``z``) and returned in z's dtype."""
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    noise = latent_noise(z.shape, seed, offset, device=z.device, dtype=acc)
+    x = mlp_forward(z.to(acc) + sigma * noise, dec_layers)
+    soft = torch.softmax(mlp_forward(x, lab_layers) / temperature, dim=-1)
+    return x.to(z.dtype), soft.to(z.dtype)

@@ -1,0 +1,133 @@
+// Torch-facing launcher of the fused MLP perturb -> decode -> label chain on the CPU (tgtfast::mlp_chain_fwd).
+//
+// The batch is cut into blocks of kBlockRows rows, processed in parallel. For one block: the perturbed latent
+// z + sigma * noise (noise drawn in place, csrc/philox.h), then every layer as a [rows, in] x [in, out] GEMM on
+// the block followed by bias + activation while the block is still in cache, the decoder's output written
+// to x_new, and the labeler's logits turned into the tempered softmax in place. The block's hidden
+// activations live in two per-thread buffers of kBlockRows x (widest layer) floats that are reused for every
+// block: nothing of size [B, hidden] is allocated. Inside at::parallel_for the GEMMs run single-threaded.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "mlp_cpu_kernel.h"
+#include "ptloss_cpu_kernel.h"  // cpu_has_avx2
+
+namespace tgtfast {
+namespace {
+
+// Rows per block: 64 keeps a block's widest activations (64 x 1024 floats = 256 KiB) within L2 next to the
+// weights' working set. TGTFAST_MLP_BLOCK_ROWS (read once) overrides it for tuning.
+int64_t block_rows() {
+  static const int64_t rows = [] {
+    const char* env = std::getenv("TGTFAST_MLP_BLOCK_ROWS");
+    const long v = env != nullptr ? std::strtol(env, nullptr, 10) : 0;
+    return v >= 1 && v <= 4096 ? static_cast<int64_t>(v) : int64_t{64};
+  }();
+  return rows;
+}
+
+uint16_t to_bf16_bits(float f) {
+  const auto b = c10::BFloat16(f);  // round to nearest even, NaN kept
+  return b.x;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cpu(
+    const at::Tensor& z, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+    at::IntArrayRef activations, int64_t num_decoder_layers, double sigma, int64_t seed, int64_t offset,
+    double temperature, bool need_perturbed) {
+  TORCH_CHECK(z.dim() == 2, "mlp_chain_fwd: z must be 2-D [B, d], got ", z.sizes());
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kBFloat16,
+              "mlp_chain_fwd: z must be float32 or bfloat16, got ", z.scalar_type());
+  TORCH_CHECK(z.is_contiguous(), "mlp_chain_fwd: z must be contiguous");
+  const int64_t L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(static_cast<int64_t>(biases.size()) == L && static_cast<int64_t>(activations.size()) == L,
+              "mlp_chain_fwd: weights, biases and activations must have the same length");
+  TORCH_CHECK(num_decoder_layers >= 1 && num_decoder_layers < L,
+              "mlp_chain_fwd: need at least one decoder and one labeler layer, got ", num_decoder_layers,
+              " decoder layers of ", L);
+  TORCH_CHECK(temperature > 0, "mlp_chain_fwd: temperature must be > 0, got ", temperature);
+  TORCH_CHECK(offset >= 0, "mlp_chain_fwd: offset must be >= 0, got ", offset);
+  const int64_t B = z.size(0), d = z.size(1);
+  std::vector<const float*> bias_ptr(L, nullptr);
+  std::vector<at::Tensor> bias_keep(L);
+  int64_t width = d, widest = d;
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor& w = weights[l];
+    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous() && w.device().is_cpu(),
+                "mlp_chain_fwd: weight ", l, " must be a contiguous 2-D float32 CPU tensor");
+    TORCH_CHECK(w.size(1) == width, "mlp_chain_fwd: weight ", l, " takes ", w.size(1), " inputs, the previous layer gives ",
+                width);
+    width = w.size(0);
+    widest = std::max(widest, width);
+    const std::optional<at::Tensor> b = biases.get(l);
+    if (b.has_value()) {
+      TORCH_CHECK(b->dim() == 1 && b->size(0) == width && b->scalar_type() == at::kFloat && b->is_contiguous(),
+                  "mlp_chain_fwd: bias ", l, " must be a contiguous float32 vector of ", width);
+      bias_keep[l] = *b;
+      bias_ptr[l] = b->data_ptr<float>();
+    }
+    TORCH_CHECK(activations[l] >= 0 && activations[l] < cpu::kNumActs, "mlp_chain_fwd: unknown activation code ",
+                activations[l]);
+  }
+  const int64_t x_width = weights[num_decoder_layers - 1].size(0);
+  const bool bf16 = z.scalar_type() == at::kBFloat16;
+  auto x_new = at::empty({B, x_width}, z.options());
+  auto soft = at::empty({B, width}, z.options());
+  auto perturbed = need_perturbed ? at::empty({B, d}, z.options().dtype(at::kFloat)) : at::empty({0}, z.options());
+  if (B == 0) return {x_new, soft, perturbed};
+
+  std::vector<at::Tensor> wt(L);
+  for (int64_t l = 0; l < L; ++l) wt[l] = weights[l].t();  // [in, out] views: the GEMM reads W transposed
+  const cpu::MlpIsa isa = cpu::cpu_has_avx2() ? cpu::mlp_isa_avx2() : cpu::mlp_isa_base();
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  const int64_t kBlockRows = block_rows();
+  const int64_t blocks = (B + kBlockRows - 1) / kBlockRows;
+  const auto fopts = z.options().dtype(at::kFloat);
+
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf_a(static_cast<size_t>(kBlockRows * widest)), buf_b(buf_a.size());
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t row0 = blk * kBlockRows, rows = std::min(kBlockRows, B - row0);
+      float* in = buf_a.data();
+      float* spare = buf_b.data();
+      cpu::perturb_block(in, bf16 ? nullptr : z.data_ptr<float>() + row0 * d,
+                         bf16 ? reinterpret_cast<const uint16_t*>(z.data_ptr<at::BFloat16>()) + row0 * d : nullptr,
+                         row0, rows, d, static_cast<float>(sigma), useed, static_cast<uint64_t>(offset));
+      if (need_perturbed) std::memcpy(perturbed.data_ptr<float>() + row0 * d, in, sizeof(float) * rows * d);
+      int64_t in_w = d;
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t out_w = weights[l].size(0);
+        const bool last = l == L - 1, decoded = l == num_decoder_layers - 1;
+        // float32 outputs are computed in place in the result; bfloat16 ones in the buffer, then rounded.
+        float* out = spare;
+        if (!bf16 && decoded) out = x_new.data_ptr<float>() + row0 * out_w;
+        if (!bf16 && last) out = soft.data_ptr<float>() + row0 * out_w;
+        auto out_t = at::from_blob(out, {rows, out_w}, fopts);
+        at::mm_out(out_t, at::from_blob(in, {rows, in_w}, fopts), wt[l]);
+        isa.bias_act(out, rows, out_w, out_w, bias_ptr[l], static_cast<cpu::Act>(activations[l]));
+        if (last) isa.softmax(out, rows, out_w, out_w, inv_t);
+        if (bf16 && (decoded || last)) {
+          uint16_t* dst = reinterpret_cast<uint16_t*>((decoded ? x_new : soft).data_ptr<at::BFloat16>()) + row0 * out_w;
+          for (int64_t i = 0; i < rows * out_w; ++i) dst[i] = to_bf16_bits(out[i]);
+        }
+        if (out == spare) std::swap(in, spare);
+        else in = out;  // the next layer reads the rows just written to x_new
+        in_w = out_w;
+      }
+    }
+  });
+  return {x_new, soft, perturbed};
+}
+
+}  // namespace
+}  // namespace tgtfast
+
+TORCH_LIBRARY_IMPL(tgtfast, CPU, m) { m.impl("mlp_chain_fwd", &tgtfast::mlp_chain_fwd_cpu); }

@@ -1,0 +1,13 @@
+// The CPU MLP row-block kernels built for x86-64 processors with AVX2 and FMA (chosen at run time).
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC target("avx2,fma")
+#define TGTFAST_MLP_ISA mlp_isa_avx2
+#include "mlp_cpu_kernel.inc"
+#else
+#include "mlp_cpu_kernel.h"
+namespace tgtfast {
+namespace cpu {
+MlpIsa mlp_isa_avx2() { return mlp_isa_base(); }
+}  // namespace cpu
+}  // namespace tgtfast
+#endif

@@ -1,0 +1,40 @@
+// Row-block pieces of the fused MLP perturb -> decode -> label chain on the CPU: plain C++ on raw float
+// pointers, no torch headers. The GEMMs between them are the launcher's (mlp_cpu.cpp); everything that
+// touches a row block between two GEMMs -- noise and perturbation, bias + activation, the tempered softmax --
+// is here, compiled once per instruction set (mlp_cpu_avx2.cpp, mlp_cpu_base.cpp) like the PTLoss kernel.
+#pragma once
+
+#include <cstdint>
+
+namespace tgtfast {
+namespace cpu {
+
+// Activation codes shared with tgtfast/_mlp.py (ACTIVATIONS) and the CUDA / Triton kernels.
+enum class Act : int64_t {
+  kIdentity = 0,
+  kRelu = 1,
+  kGelu = 2,      // exact: x * Phi(x) with erf
+  kGeluTanh = 3,  // tanh approximation (nn.GELU(approximate="tanh"))
+  kSilu = 4,
+  kTanh = 5,
+  kSigmoid = 6,
+};
+constexpr int64_t kNumActs = 7;
+
+struct MlpIsa {
+  // y[r, c] = act(y[r, c] + bias[c]) for r < rows, c < cols; row stride ld; bias may be null.
+  void (*bias_act)(float* y, int64_t rows, int64_t cols, int64_t ld, const float* bias, Act act);
+  // In place, per row: y <- softmax(y * inv_temperature).
+  void (*softmax)(float* y, int64_t rows, int64_t cols, int64_t ld, float inv_temperature);
+};
+
+MlpIsa mlp_isa_avx2();
+MlpIsa mlp_isa_base();
+
+// out[r, c] = z[r, c] + sigma * normal(seed, offset + (row0 + r) * cols + c) for a block of `rows` rows of the
+// [*, cols] latent (csrc/philox.h). `z` is float32 (z_bf16 == nullptr) or bfloat16 bits (z == nullptr).
+void perturb_block(float* out, const float* z, const uint16_t* z_bf16, int64_t row0, int64_t rows, int64_t cols,
+                   float sigma, uint64_t seed, uint64_t offset);
+
+}  // namespace cpu
+}  // namespace tgtfast

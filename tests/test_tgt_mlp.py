@@ -1,0 +1,286 @@
+"""The fused MLP perturb -> decode -> label chain (tgtfast/_mlp.py) against the eager composition.
+
+The oracle is ``reference.perturb_decode_label_mlp``: ``latent_noise`` for the noise, the layers called one by one,
+then the tempered softmax, computed in float64 on the same (rounded) inputs; gradients to ``z`` by autograd of it.
+Every backend that can run here is checked: the C++ kernel and the reference on the CPU, Triton under
+TRITON_INTERPRET=1 on tiny shapes, and the CUDA kernel when a GPU is visible.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import tgtfast
+from tgtfast import _mlp, reference
+from tgtfast._mlp import as_mlp, perturb_decode_label_mlp
+
+from conftest import assert_close_to_truth
+
+ACTS = list(_mlp.ACTIVATIONS)
+CPU_BACKENDS = [b for b in ("cpp", "reference") if tgtfast.backends(_mlp.OP)[b] == "available"]
+HAS_TRITON = tgtfast.backends(_mlp.OP)["triton"] == "available"
+HAS_CUDA = torch.cuda.is_available() and tgtfast.backends(_mlp.OP)["cuda"] == "available"
+requires_triton = pytest.mark.skipif(not HAS_TRITON, reason=f"triton: {tgtfast.backends(_mlp.OP)['triton']}")
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=f"cuda: {tgtfast.backends(_mlp.OP)['cuda']}")
+
+
+def make_layers(widths, acts, *, bias=True, device="cpu", gen=None):
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        w = torch.randn(n_out, n_in, generator=gen) * (1.5 / n_in**0.5)
+        b = torch.randn(n_out, generator=gen) * 0.3 if bias and i % 2 == 0 else None
+        layers.append((w.to(device), None if b is None else b.to(device), acts[i % len(acts)]))
+    return layers
+
+
+def round_layers(layers, dtype):
+    """The layers rounded to `dtype` and back to float64 (the truth sees what the kernel sees)."""
+    return [(w.to(dtype).double(), None if b is None else b.to(dtype).double(), a) for w, b, a in layers]
+
+
+def run(fn, z, weights_x, weights_s):
+    """(x_new, soft, grad z) of fn(z) with a loss that weights both outputs."""
+    z = z.detach().clone().requires_grad_(True)
+    x, s = fn(z)
+    ((x.double() * weights_x).sum() + (s.double() * weights_s).sum()).backward()
+    return x.detach(), s.detach(), z.grad
+
+
+def check_against_truth(backend, z, dec, lab, *, sigma=0.7, seed=1234, offset=0, temperature=1.3,
+                        grad=True, device="cpu"):
+    dtype = z.dtype
+    kw = dict(sigma=sigma, seed=seed, offset=offset, temperature=temperature)
+    d_x, k = dec[-1][0].shape[0], lab[-1][0].shape[0]
+    g = torch.Generator().manual_seed(5)
+    wx = torch.randn(z.shape[0], d_x, generator=g, dtype=torch.float64).to(device)
+    ws = torch.randn(z.shape[0], k, generator=g, dtype=torch.float64).to(device)
+    out = run(lambda t: perturb_decode_label_mlp(t, dec, lab, backend=backend, **kw), z, wx, ws)
+    dec64, lab64 = round_layers(dec, torch.float32), round_layers(lab, torch.float32)
+    truth = run(lambda t: reference.perturb_decode_label_mlp(t, dec64, lab64, **kw), z.double(), wx, ws)
+    same = run(lambda t: reference.perturb_decode_label_mlp(t, dec, lab, **kw), z, wx, ws)
+    for name, o, r, t in zip(("x_new", "soft_labels", "grad z"), out, same, truth):
+        if name == "grad z" and not grad:
+            continue
+        assert o.dtype == dtype and o.shape == t.shape, name
+        assert_close_to_truth(o, r, t, dtype, f"{backend} {dtype} {name}")
+    return out
+
+
+# --- every CPU backend --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("acts", [["relu", "sigmoid"], ["gelu", "tanh"], ["silu", "gelu_tanh", "identity"]])
+def test_cpu_backends_match_reference(backend, dtype, acts):
+    # 70 rows: one full block of 64 and a ragged one; odd widths everywhere
+    dec = make_layers([7, 33, 19], acts)
+    lab = make_layers([19, 29, 5], acts[::-1])
+    z = torch.randn(70, 7).to(dtype)
+    check_against_truth(backend, z, dec, lab, offset=3)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cpu_wide_shapes_and_many_classes(backend):
+    dec = make_layers([16, 100, 130], ["relu", "sigmoid"])
+    lab = make_layers([130, 40, 1000], ["relu", "identity"])
+    z = torch.randn(130, 16)
+    check_against_truth(backend, z, dec, lab, sigma=0.2, temperature=2.0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_single_layers_no_bias(backend):
+    dec = make_layers([5, 9], ["tanh"], bias=False)
+    lab = make_layers([9, 3], ["identity"], bias=False)
+    check_against_truth(backend, torch.randn(3, 5), dec, lab)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("offset", [0, 1, 6, 2**40 + 3])
+def test_noise_is_latent_noise(backend, offset):
+    """With an identity decoder x_new is exactly z + sigma * latent_noise(offset)."""
+    d = 6
+    dec = [(torch.eye(d), None, "identity")]
+    lab = make_layers([d, 4], ["identity"])
+    z = torch.randn(37, d)
+    x, _ = perturb_decode_label_mlp(z, dec, lab, sigma=0.5, seed=2**63 + 17, offset=offset, backend=backend)
+    expect = z + 0.5 * reference.latent_noise(z.shape, 2**63 + 17, offset)
+    torch.testing.assert_close(x, expect, rtol=1e-6, atol=1e-6)
+
+
+def test_offset_continues_the_stream():
+    dec = [(torch.eye(4), None, "identity")]
+    lab = make_layers([4, 3], ["identity"])
+    z = torch.zeros(10, 4)
+    full, _ = perturb_decode_label_mlp(z, dec, lab, sigma=1.0, seed=9)
+    tail, _ = perturb_decode_label_mlp(z[4:], dec, lab, sigma=1.0, seed=9, offset=16)
+    torch.testing.assert_close(tail, full[4:], rtol=0, atol=0)
+    other, _ = perturb_decode_label_mlp(z, dec, lab, sigma=1.0, seed=10)
+    assert not torch.equal(other, full)
+
+
+def test_modules_through_as_mlp_match_eager_modules():
+    torch.manual_seed(1)
+    decoder = nn.Sequential(nn.Linear(8, 24), nn.ReLU(), nn.Sequential(nn.Linear(24, 12), nn.Sigmoid()))
+    labeler = nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Dropout(0.5), nn.Linear(16, 6)).eval()
+    for m in (decoder, labeler):
+        m.requires_grad_(False)
+    dec, lab = as_mlp(decoder, name="decoder"), as_mlp(labeler, name="labeler")
+    assert [a for _, _, a in dec] == ["relu", "sigmoid"] and [a for _, _, a in lab] == ["gelu", "identity"]
+    z = torch.randn(9, 8)
+    x, s = perturb_decode_label_mlp(z, dec, lab, sigma=0.3, seed=4, temperature=2.0)
+    x_ref = decoder(z + 0.3 * tgtfast.reference.latent_noise(z.shape, 4))
+    torch.testing.assert_close(x, x_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s, torch.softmax(labeler(x_ref) / 2.0, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_weights_requiring_grad_are_frozen_with_a_warning():
+    dec = make_layers([4, 6], ["relu"])
+    lab = make_layers([6, 3], ["identity"])
+    w = dec[0][0].requires_grad_(True)
+    z = torch.randn(5, 4, requires_grad=True)
+    _mlp._warned_grad = False
+    with pytest.warns(UserWarning, match="frozen"):
+        x, s = perturb_decode_label_mlp(z, dec, lab, sigma=0.1, seed=0)
+    (x.sum() + s[:, 0].sum()).backward()
+    assert w.grad is None and z.grad is not None
+
+
+# --- as_mlp ------------------------------------------------------------------------------------------------
+
+def test_as_mlp_activation_forms():
+    w1, w2, w3 = torch.randn(5, 3), torch.randn(4, 5), torch.randn(2, 4)
+    layers = as_mlp([(w1, None, nn.GELU(approximate="tanh")), (w2, torch.zeros(4), torch.tanh), (w3, None, None)],
+                    name="labeler")
+    assert [a for _, _, a in layers] == ["gelu_tanh", "tanh", "identity"]
+    seq = as_mlp(nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 4), nn.Identity(), nn.SiLU()), name="decoder")
+    assert [a for _, _, a in seq] == ["identity", "silu"]
+    assert [a for _, _, a in as_mlp(nn.Linear(3, 2), name="decoder")] == ["identity"]
+
+
+@pytest.mark.parametrize("module", [
+    nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5)),                 # train-mode dropout
+    nn.Sequential(nn.Conv1d(1, 1, 1)),
+    nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)),
+    nn.Sequential(nn.ReLU(), nn.Linear(3, 4)),                        # activation first
+    nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Sigmoid()),          # two activations in a row
+    nn.Sequential(nn.Linear(3, 4), nn.GELU(approximate="none"), nn.ELU()),
+    nn.Sequential(),
+])
+def test_as_mlp_returns_none_for_what_it_cannot_fuse(module):
+    assert as_mlp(module, name="decoder") is None
+    assert as_mlp(lambda x: x, name="decoder") is None
+
+
+@pytest.mark.parametrize("layers, match", [
+    ([(torch.randn(4, 3), None, "elu")], r"labeler\[0\]: unsupported activation 'elu'"),
+    ([(torch.randn(4, 3), None, nn.ELU())], r"labeler\[0\]: unsupported activation"),
+    ([(torch.randn(4), None, "relu")], r"labeler\[0\]: weight must be a 2-D"),
+    ([(torch.randn(4, 3), torch.randn(3), "relu")], r"labeler\[0\]: bias must be None or a 1-D tensor of 4"),
+    ([(torch.randn(4, 3), None)], r"labeler\[0\]: expected a \(weight, bias, activation\) tuple"),
+    ([(torch.randn(4, 3), None, "relu"), (torch.randn(2, 5), None, "relu")], r"labeler: widths do not chain"),
+    ([], r"labeler: the list of layers is empty"),
+])
+def test_as_mlp_bad_lists(layers, match):
+    with pytest.raises(ValueError, match=match):
+        as_mlp(layers, name="labeler")
+
+
+# --- bad input of the op -----------------------------------------------------------------------------------
+
+def _ok():
+    return make_layers([4, 6], ["relu"]), make_layers([6, 3], ["identity"])
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(z=torch.randn(2, 5)), ValueError, r"decoder: its first layer takes 4 features, z has 5"),
+    (dict(z=torch.randn(2, 4, 1)), ValueError, r"z must be 2-D"),
+    (dict(z=torch.randn(2, 4).double()), TypeError, r"z must be float32 or bfloat16"),
+    (dict(z="z"), TypeError, r"z must be a tensor"),
+    (dict(lab=[(torch.randn(3, 7), None, "relu")]), ValueError, r"labeler: its first layer takes 7 features"),
+    (dict(lab=nn.Linear(6, 3)), TypeError, r"labeler must be a list"),
+    (dict(dec=[(torch.randn(6, 4), None, "mish")]), ValueError, r"decoder\[0\]: unsupported activation"),
+    (dict(temperature=0.0), ValueError, r"temperature must be finite and > 0"),
+    (dict(sigma=float("nan")), ValueError, r"sigma must be finite"),
+    (dict(sigma="1"), TypeError, r"sigma must be a float"),
+    (dict(seed=-1), ValueError, r"seed must be an int in \[0, 2\*\*64\)"),
+    (dict(seed=2**64), ValueError, r"seed must be an int"),
+    (dict(offset=-3), ValueError, r"offset must be an int"),
+    (dict(backend="tpu"), ValueError, r"backend='tpu' is not one of"),
+])
+def test_bad_input(kwargs, exc, match):
+    dec, lab = _ok()
+    z = kwargs.pop("z", torch.randn(2, 4))
+    dec = kwargs.pop("dec", dec)
+    lab = kwargs.pop("lab", lab)
+    args = dict(sigma=0.1, seed=1)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        perturb_decode_label_mlp(z, dec, lab, **args)
+
+
+def test_forced_backend_that_cannot_run_names_the_reason():
+    dec, lab = _ok()
+    with pytest.raises(ValueError, match=r"backend='cuda' cannot run this call"):
+        perturb_decode_label_mlp(torch.randn(2, 4), dec, lab, sigma=0.1, seed=1, backend="cuda")
+
+
+def test_dispatch_knows_the_op():
+    avail = tgtfast.backends(_mlp.OP)
+    assert avail["reference"] == "available"
+    assert set(avail) == {"cuda", "triton", "cpp", "reference"}
+    from tgtfast.dispatch import select
+
+    with pytest.raises(ValueError, match="does not take torch.float64"):
+        select("reference", torch.device("cpu"), torch.float64, op=_mlp.OP)
+
+
+def test_empty_batch():
+    dec, lab = _ok()
+    x, s = perturb_decode_label_mlp(torch.randn(0, 4), dec, lab, sigma=0.1, seed=1)
+    assert x.shape == (0, 6) and s.shape == (0, 3)
+
+
+# --- Triton (interpreter on the CPU: tiny shapes) ----------------------------------------------------------
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_tiny(dtype):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dec = make_layers([4, 16, 12], ["relu", "sigmoid"], device=device)
+    lab = make_layers([12, 9, 5], ["gelu", "identity"], device=device)
+    z = torch.randn(8, 4).to(device=device, dtype=dtype)
+    check_against_truth("triton", z, dec, lab, offset=5, device=device)
+
+
+@requires_triton
+def test_triton_activations_and_separate_softmax():
+    """Every activation once, and K > 1024 (softmax in its own kernel)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dec = make_layers([3, 16, 16, 16, 8], ["silu", "tanh", "gelu_tanh", "identity"], device=device)
+    lab = make_layers([8, 1030], ["identity"], device=device)
+    z = torch.randn(3, 3, device=device)
+    check_against_truth("triton", z, dec, lab, temperature=0.5, device=device)
+
+
+# --- CUDA (skips without a GPU) ----------------------------------------------------------------------------
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("acts", [["relu", "sigmoid"], ["gelu", "tanh"], ["silu", "gelu_tanh", "identity"]])
+def test_cuda_matches_reference(dtype, acts):
+    dec = make_layers([7, 33, 19], acts, device="cuda")
+    lab = make_layers([19, 29, 5], acts[::-1], device="cuda")
+    z = torch.randn(70, 7, device="cuda").to(dtype)
+    check_against_truth("cuda", z, dec, lab, offset=3, device="cuda")
+
+
+@requires_cuda
+def test_cuda_issue_shapes():
+    dec = make_layers([64, 256, 784], ["relu", "sigmoid"], device="cuda")
+    lab = make_layers([784, 256, 1000], ["relu", "identity"], device="cuda")
+    z = torch.randn(300, 64, device="cuda")
+    check_against_truth("cuda", z, dec, lab, sigma=0.1)
