@@ -310,3 +310,23 @@ def test_gpu_backends(backend, dtype):
     check_against_reference(x, dtype, [0.5, -0.2], target=target, temperature=2.0, ce_weight=0.3, chunk_size=128,
                             backend=backend)
 
+
+
+def test_under_torch_compile():
+    """The call is a graph break under torch.compile: the compiled caller gets the eager result."""
+    x, target = make(n=12)
+    target[:3] = -100
+
+    def step(hs, ws, ht, wt):
+        return tgtfast.fused_linear_ptloss(hs * 1.0, ws, ht, wt, [0.5], target=target, ce_weight=0.5,
+                                           chunk_size=5) * 2
+
+    hs = x["hs"].clone().requires_grad_(True)
+    out = torch.compile(step, backend="eager")(hs, x["ws"], x["ht"], x["wt"])
+    out.backward()
+    ref_hs = x["hs"].clone().requires_grad_(True)
+    ref = reference.fused_linear_ptloss(ref_hs, x["ws"], x["ht"], x["wt"], torch.tensor([0.5]), target=target,
+                                        ce_weight=0.5) * 2
+    ref.backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hs.grad, ref_hs.grad, rtol=1e-5, atol=1e-6)

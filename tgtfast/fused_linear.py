@@ -233,6 +233,7 @@ def _check_tensor(name: str, x, dims: Tuple[int, ...]) -> torch.Tensor:
     return x
 
 
+@torch.compiler.disable
 def fused_linear_ptloss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -291,6 +292,9 @@ def fused_linear_ptloss(
 
     Logits, loss and gradients are accumulated in float32 for float16/bfloat16 inputs (the logits are never
     rounded to the input dtype); the hidden-state and weight gradients are returned in their inputs' dtypes.
+
+    Under ``torch.compile`` the call is a graph break: it runs eagerly (its work is matrix products and the
+    fused kernels already), the code around it is compiled.
     """
     hs = _check_tensor("student_hidden", student_hidden, (2, 3))
     ws = _check_tensor("student_weight", student_weight, (2,))
