@@ -43,44 +43,54 @@ def default_chunk_size(vocab_size: int) -> int:
 
 
 class _Matmul:
-    """The three products of one linear layer, with logits in the accumulation dtype (float32, or float64
-    for float64 inputs). Low-precision weights: on CUDA through cuBLAS with a float32 output
-    (``out_dtype=``), elsewhere through a float32 copy of the weight made once per call."""
+    """The three products of one linear layer, with logits and weight gradient in the accumulation dtype
+    (float32, or float64 for float64 inputs). Low-precision weights: on CUDA through cuBLAS GEMMs in the
+    input dtype with float32 outputs (``out_dtype=``); elsewhere through a float32 copy of the weight made
+    once per call."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], acc: torch.dtype) -> None:
         self.weight = weight
-        self.low = weight.dtype != acc
-        self.cuda_out_dtype = self.low and weight.is_cuda and _HAS_MM_OUT_DTYPE
-        self.weight_acc = weight if not self.low or self.cuda_out_dtype else weight.to(acc)
+        low = weight.dtype != acc
+        self.cuda_out_dtype = low and weight.is_cuda and _HAS_MM_OUT_DTYPE
+        self.weight_acc = weight if not low or self.cuda_out_dtype else weight.to(acc)
         self.bias = None if bias is None else bias.to(acc)
         self.acc = acc
 
     def logits_into(self, hidden: torch.Tensor, out: torch.Tensor) -> None:
         """out [r, V] = hidden [r, H] @ W^T + b, in the accumulation dtype."""
         if self.cuda_out_dtype:
-            out.copy_(torch.mm(hidden, self.weight.t(), out_dtype=self.acc))
+            torch.mm(hidden, self.weight.t(), out_dtype=self.acc, out=out)
             if self.bias is not None:
                 out.add_(self.bias)
-            return
-        hidden = hidden.to(self.acc)
-        if self.bias is None:
-            torch.mm(hidden, self.weight_acc.t(), out=out)
+        elif self.bias is None:
+            torch.mm(hidden.to(self.acc), self.weight_acc.t(), out=out)
         else:
-            torch.addmm(self.bias, hidden, self.weight_acc.t(), out=out)
+            torch.addmm(self.bias, hidden.to(self.acc), self.weight_acc.t(), out=out)
 
-    def grad_hidden_into(self, grad_logits: torch.Tensor, out: torch.Tensor) -> None:
-        """out [r, H] = grad_logits [r, V] @ W (in the hidden states' dtype)."""
-        if out.dtype == grad_logits.dtype and self.weight_acc.dtype == grad_logits.dtype:
-            torch.mm(grad_logits, self.weight_acc, out=out)
-        elif self.weight_acc.dtype == grad_logits.dtype:
-            out.copy_(torch.mm(grad_logits, self.weight_acc))
-        else:  # CUDA low precision: one rounding of the chunk gradient, then a bf16/fp16 GEMM
-            out.copy_(torch.mm(grad_logits.to(self.weight.dtype), self.weight))
+    def grad_operand(self, grad_logits: torch.Tensor) -> torch.Tensor:
+        """The chunk's logit gradient as the backward products take it (rounded once to the weight's dtype on
+        the CUDA low-precision path, as autograd of the materialised logits would hold it)."""
+        return grad_logits.to(self.weight.dtype) if self.cuda_out_dtype else grad_logits
 
-    @staticmethod
-    def accumulate_grad_weight(acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
-        """acc [V, H] += grad_logits^T [V, r] @ hidden [r, H], in the accumulation dtype."""
-        acc.addmm_(grad_logits.t(), hidden.to(acc.dtype))
+    def grad_hidden_into(self, grad: torch.Tensor, out: torch.Tensor) -> None:
+        """out [r, H] = grad [r, V] @ W, in the hidden states' dtype."""
+        if out.dtype == grad.dtype and self.weight_acc.dtype == grad.dtype:
+            torch.mm(grad, self.weight_acc, out=out)
+        else:
+            out.copy_(torch.mm(grad, self.weight_acc))
+
+    def accumulate_grad_weight(self, acc: torch.Tensor, grad: torch.Tensor, hidden: torch.Tensor) -> None:
+        """acc [V, H] += grad^T [V, r] @ hidden [r, H], accumulated in acc's dtype."""
+        if self.cuda_out_dtype and _ADDMM_OUT_DTYPE_OK[0]:
+            try:
+                torch.addmm(acc, grad.t(), hidden, out_dtype=acc.dtype, out=acc)
+                return
+            except RuntimeError:  # this torch's CUDA addmm cannot accumulate into float32: upcast instead
+                _ADDMM_OUT_DTYPE_OK[0] = False
+        acc.addmm_(grad.t().to(acc.dtype), hidden.to(acc.dtype))
+
+
+_ADDMM_OUT_DTYPE_OK = [True]
 
 
 def _has_mm_out_dtype() -> bool:
@@ -179,12 +189,13 @@ def _run(cfg: _Config, hs, ws, bs, ht, wt, bt, row_scale, need: Tuple[bool, bool
         rows_out[start:end] = rows
         if grad is None:
             continue
+        if need[2]:
+            grad_b.add_(grad.sum(0))
+        grad = student.grad_operand(grad)
         if need[0]:
             student.grad_hidden_into(grad, grad_h[start:end])
         if need[1]:
-            _Matmul.accumulate_grad_weight(grad_w, grad, h_chunk)
-        if need[2]:
-            grad_b.add_(grad.sum(0))
+            student.accumulate_grad_weight(grad_w, grad, h_chunk)
         del grad
     if grad_w is not None:
         grad_w = grad_w.to(ws.dtype)
