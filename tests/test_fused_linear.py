@@ -330,3 +330,29 @@ def test_under_torch_compile():
     ref.backward()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(hs.grad, ref_hs.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_never_materialises_the_logits():
+    """No tensor created during forward+backward is anywhere near [N, V]: only chunks of it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.largest = max(Largest.largest, t.numel())
+            return out
+
+    n, h, v, chunk = 256, 16, 100, 8
+    x, target = make(n=n, h=h, ht=h, v=v)
+    hs = x["hs"].clone().requires_grad_(True)
+    ws = x["ws"].clone().requires_grad_(True)
+    with Largest():
+        loss = tgtfast.fused_linear_ptloss(hs, ws, x["ht"], x["wt"], [0.5], target=target, ce_weight=0.5,
+                                           chunk_size=chunk)
+        loss.backward()
+    assert Largest.largest <= max(n * h, v * h, chunk * v), Largest.largest
+    assert Largest.largest < n * v // 4
