@@ -3,6 +3,8 @@
 * :func:`ptloss` / :class:`PTLoss`: the perturbed KL distillation loss, loss and gradients in one fused pass
   (C++ on the CPU, CUDA and Triton on the GPU), with the baselines :class:`KDLoss`,
   :class:`LabelSmoothedKDLoss` and :class:`FocalKDLoss`.
+* :func:`fused_linear_ptloss` / :class:`FusedLinearPTLoss`: PTLoss (plus an optional cross-entropy term)
+  straight from hidden states and output projections, chunk by chunk, without materialising the logits.
 * :func:`proxy_teacher` / :func:`search_coefficients`: the Proxy Teacher, which picks PTLoss coefficients on a
   validation set (``tgtfast coeffs`` on the command line).
 * :func:`perturb_decode_label`: Teacher Guided Training's perturb -> decode -> label step, with the counter-based
@@ -14,6 +16,7 @@
 from tgtfast import reference
 from tgtfast.dispatch import Backend, backends
 from tgtfast.functional import focal_kd_loss, kd_loss, ptloss
+from tgtfast.fused_linear import FusedLinearPTLoss, fused_linear_ptloss
 from tgtfast.losses import FocalKDLoss, KDLoss, LabelSmoothedKDLoss, PTLoss
 from tgtfast.proxy import (
     CoefficientSearchResult,
@@ -36,6 +39,8 @@ __all__ = [
     "KDLoss",
     "LabelSmoothedKDLoss",
     "FocalKDLoss",
+    "fused_linear_ptloss",
+    "FusedLinearPTLoss",
     "reference",
     "proxy_teacher",
     "deviation",

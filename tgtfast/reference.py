@@ -23,6 +23,7 @@ __all__ = [
     "perturb_decode_label",
     "mlp_forward",
     "perturb_decode_label_mlp",
+    "fused_linear_ptloss",
 ]
 
 
@@ -110,6 +111,37 @@ def ptloss(
         label_smoothing=label_smoothing,
     )
     return reduce_rows(rows, valid, reduction)
+
+
+def fused_linear_ptloss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    coeffs: Optional[torch.Tensor] = None,
+    *,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    target: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+) -> torch.Tensor:
+    """Reference of :func:`tgtfast.fused_linear_ptloss`: materialise both logits, then
+    ``kd_weight * ptloss(s, t) + ce_weight * cross_entropy(s, target)`` (cross-entropy at temperature 1, both
+    reduced alike). The teacher is detached. Logits are computed in the dtype of the inputs."""
+    s = F.linear(student_hidden, student_weight, student_bias)
+    with torch.no_grad():
+        t = F.linear(teacher_hidden, teacher_weight, teacher_bias)
+    loss = kd_weight * ptloss(s, t, coeffs, temperature=temperature, reduction=reduction,
+                              ignore_index=ignore_index, target=target)
+    if ce_weight != 0:
+        valid = target != ignore_index
+        rows = F.cross_entropy(s.flatten(0, -2), torch.where(valid, target, 0).flatten(), reduction="none")
+        loss = loss + ce_weight * reduce_rows(rows.reshape(valid.shape), valid, reduction)
+    return loss
 
 
 def kl_div_batchmean(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0):
