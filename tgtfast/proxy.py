@@ -459,17 +459,27 @@ def _diff_step(p_rows, eta_rows, aux, k):
     return torch.softmax(torch.where(supp, zs + dz, z), -1)
 
 
+def _register() -> None:
+    from tgtfast import dispatch
+
+    dispatch.register_op(
+        "proxy_teacher",
+        missing={"triton": "no Triton kernel for the Proxy Teacher solve (the CUDA kernel covers GPUs)"},
+        dtypes={"cuda": (_F64,), "cpp": (_F64,), "reference": (_F64,)},
+    )
+
+
+_register()
+
+
 def _solver(backend: Optional[str], device: torch.device) -> str:
     """Which implementation solves this call: ``"cuda"`` (on `device`), ``"cpp"`` or ``"reference"`` (on CPU
     copies). The one dispatch point decides; the data is float64."""
     from tgtfast import dispatch
 
     chosen = dispatch.select(backend, device, _F64, op="proxy_teacher")
-    if chosen is not dispatch.Backend.CUDA and device.type != "cpu":  # no other GPU kernel: solve on the CPU
+    if chosen is dispatch.Backend.REFERENCE and device.type != "cpu":  # no GPU kernel here: solve on the CPU
         chosen = dispatch.select(backend, torch.device("cpu"), _F64, op="proxy_teacher")
-    if chosen not in (dispatch.Backend.CUDA, dispatch.Backend.CPP, dispatch.Backend.REFERENCE):
-        raise ValueError(f"proxy_teacher: backend={chosen.value!r} has no kernel for this op; use 'cuda', 'cpp' or "
-                         "'reference'")
     return chosen.value
 
 
