@@ -575,7 +575,7 @@ class TGTTrainer:
                     p.requires_grad_(False)
 
     def _to_device(self, device: torch.device) -> None:
-        for mod in (self.student, self.labeler, self.decoder, self.encoder):
+        for mod in (self.student, self.labeler, self.decoder, self.encoder, self.loss):
             if isinstance(mod, nn.Module):
                 mod.to(device)
 
@@ -649,6 +649,9 @@ class TGTTrainer:
     def _plan(self, n: int) -> Tuple[int, int, int]:
         """(micro-batches per epoch, optimiser steps per epoch, total steps)."""
         c = self.config
+        if c.batch_size < self.world_size:
+            raise ValueError(f"config.batch_size ({c.batch_size}) is the global micro-batch and must be at least the "
+                             f"number of processes ({self.world_size})")
         full, rest = divmod(n, c.batch_size)
         micro = full + (1 if rest and not c.drop_last and rest >= self.world_size else 0)
         if micro == 0:
@@ -824,7 +827,7 @@ class TGTTrainer:
                 # DDP averages the ranks' gradients; the global normalisers already account for every rank.
                 (total * self.world_size).backward()
             with torch.no_grad():
-                correct = (s.argmax(1) == y).sum() if y is not None else torch.zeros(())
+                correct = (s.argmax(1) == y).sum() if y is not None else torch.zeros((), device=device)
                 sums += torch.stack([ce.detach().double(), kd.detach().double(), tgt.detach().double(),
                                      correct.double(), torch.tensor(float(nx), dtype=torch.float64, device=device)])
         if c.grad_clip is not None:
@@ -859,8 +862,9 @@ class TGTTrainer:
         self.student.eval()
         correct = ce = kd = lab = 0.0
         try:
-            for i in range(0, n, max(self.config.batch_size, 256)):
-                x, y = self._load_batch(dataset, collate, list(range(i, min(i + 256, n))), device)
+            bs = max(self.config.batch_size, 256)
+            for i in range(0, n, bs):
+                x, y = self._load_batch(dataset, collate, list(range(i, min(i + bs, n))), device)
                 with self._autocast(device):
                     s = self.student(x)
                 s = s.float()
