@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import typing
+import warnings
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -885,9 +886,30 @@ class TGTTrainer:
     def _ckpt_path(self) -> Optional[str]:
         return None if self.config.out_dir is None else os.path.join(self.config.out_dir, "checkpoint.pt")
 
+    def _rng_state(self) -> Dict[str, Any]:
+        state = {"cpu": torch.get_rng_state()}
+        device = next(self.student.parameters()).device
+        if device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(device)
+        return state
+
+    def _set_rng_state(self, state: Dict[str, Any]) -> None:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], next(self.student.parameters()).device)
+
     def _save_checkpoint(self) -> None:
+        """Write the checkpoint (rank 0); every rank must call it (the ranks' generator states are gathered)."""
         path = self._ckpt_path()
-        if path is None or self.rank != 0:
+        if path is None:
+            return
+        rngs = [self._rng_state()]
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            rngs = [None] * self.world_size
+            dist.all_gather_object(rngs, self._rng_state())
+        if self.rank != 0:
             return
         state = {
             "fingerprint": self.fingerprint(),
@@ -895,7 +917,7 @@ class TGTTrainer:
             "student": self.student.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
+            "rng": rngs,  # per rank: dropout draws continue where they stopped
             "history": self.history.to_dict(),
             "config": self.config.to_dict(),
         }
@@ -984,8 +1006,11 @@ class TGTTrainer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = int(state["step"])
             self.history = TGTHistory(**state["history"])
-            if self.rank == 0:
-                torch.set_rng_state(state["rng"])
+            if len(state["rng"]) == self.world_size:
+                self._set_rng_state(state["rng"][self.rank])
+            elif self.rank == 0:
+                warnings.warn(f"the checkpoint was written by {len(state['rng'])} processes, this run has "
+                              f"{self.world_size}: random draws of the student (dropout) restart from the seed")
         if self.rank == 0 and c.out_dir is not None:
             os.makedirs(c.out_dir, exist_ok=True)
             _truncate_metrics(os.path.join(c.out_dir, "metrics.jsonl"), self.step)
@@ -1036,8 +1061,8 @@ class TGTTrainer:
             dist.broadcast_object_list(obj, src=0)
             self.history.val = obj[0]
         self.history.steps = self.step
+        self._save_checkpoint()
         if c.out_dir is not None and self.rank == 0:
-            self._save_checkpoint()
             _atomic_write(os.path.join(c.out_dir, "history.json"),
                           lambda fh: fh.write(json.dumps(self.history.to_dict(), indent=1)))
             if c.plot:
