@@ -496,6 +496,7 @@ class TGTTrainer:
         self.history = TGTHistory()
         self.step = 0
         self.rank, self.world_size = 0, 1
+        self._perm: Optional[Tuple[int, torch.Tensor]] = None  # (epoch, its example order)
 
     # ----------------------------------------------------------------------------------------------- set-up
 
@@ -581,7 +582,11 @@ class TGTTrainer:
                 mod.to(device)
 
     def _load_batch(self, dataset, collate, indices: Sequence[int], device: torch.device):
-        batch = collate([dataset[int(i)] for i in indices])
+        if isinstance(dataset, _TensorPairs):  # rows of tensors: one gather instead of a per-example collate
+            ii = torch.as_tensor(list(indices), dtype=torch.long)
+            batch = tuple(t[ii] for t in dataset.tensors)
+        else:
+            batch = collate([dataset[int(i)] for i in indices])
         out = self.batch_fn(batch)
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise TypeError(f"batch_fn must return (inputs, labels), got {type(out).__name__}")
@@ -669,8 +674,10 @@ class TGTTrainer:
         position of the first local example in the global micro-batch, global micro-batch size)."""
         c = self.config
         epoch, k = divmod(step, spe)
-        g = torch.Generator().manual_seed(_mix(c.seed, epoch, 0x5EED))
-        perm = torch.randperm(n, generator=g)
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(_mix(c.seed, epoch, 0x5EED))
+            self._perm = (epoch, torch.randperm(n, generator=g))
+        perm = self._perm[1]
         out = []
         for m in range(k * c.grad_accum_steps, min((k + 1) * c.grad_accum_steps, micro)):
             pos = perm[m * c.batch_size:min((m + 1) * c.batch_size, n)]
@@ -985,6 +992,7 @@ class TGTTrainer:
         import torch.distributed as dist
 
         c = self.config
+        self._perm = None
         self._to_device(device)
         self._freeze_teacher()
         self._probe(dataset, collate, device)
