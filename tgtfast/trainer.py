@@ -43,7 +43,7 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from numbers import Integral, Real
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as TF
@@ -621,6 +621,7 @@ class TGTTrainer:
                 if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
                     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                     raise ValueError(f"{name} must map a batch of {x.shape[0]} inputs to logits [N, K], got {shape}")
+            self._widths = ((t.shape[1],), (0, torch.float32))
             if s.shape[1] != t.shape[1]:
                 raise ValueError(
                     f"the student's output width ({s.shape[1]}) differs from the labeler's ({t.shape[1]}): both "
@@ -633,6 +634,7 @@ class TGTTrainer:
                 if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] != x.shape[0]:
                     shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
                     raise ValueError(f"encoder must map a batch of {x.shape[0]} inputs to latent codes [N, d], got {shape}")
+                self._widths = ((t.shape[1],), (z.shape[1], z.dtype))
                 try:
                     xd = self.decoder(z)
                 except Exception as exc:
@@ -691,19 +693,37 @@ class TGTTrainer:
     # ----------------------------------------------------------------------------------------------- cache
 
     def _teacher_cache(self, dataset, collate, device: torch.device, progress: bool):
-        """Enc(x) and h(x) of every training example (index order), computed once."""
+        """Enc(x) and h(x) of every training example (index order), computed once. Under torchrun each rank
+        computes a contiguous shard and the shards are all-gathered."""
+        import torch.distributed as dist
+
         n = len(dataset)
+        per = math.ceil(n / self.world_size)
+        lo, hi = min(self.rank * per, n), min((self.rank + 1) * per, n)
         bs = max(self.config.batch_size, 256)
+        explore = self.config.exploration != "none"
         zs, ts = [], []
-        it = range(0, n, bs)
-        bar = _progress(it, progress, desc="teacher cache", total=math.ceil(n / bs))
+        bar = _progress(range(lo, hi, bs), progress, desc="teacher cache", total=math.ceil((hi - lo) / bs))
         with torch.no_grad():
             for i in bar:
-                x, _ = self._load_batch(dataset, collate, list(range(i, min(i + bs, n))), device)
+                x, _ = self._load_batch(dataset, collate, list(range(i, min(i + bs, hi))), device)
                 ts.append(self.labeler(x).float())
-                if self.config.exploration != "none":
+                if explore:
                     zs.append(self.encoder(x))
-        return (torch.cat(zs) if zs else None), torch.cat(ts)
+        (k,), (d, z_dtype) = self._widths
+        t = torch.cat(ts) if ts else torch.zeros(0, k, device=device)
+        z = (torch.cat(zs) if zs else torch.zeros(0, d, dtype=z_dtype, device=device)) if explore else None
+        if self.world_size > 1:
+            def gather(part: torch.Tensor) -> torch.Tensor:
+                padded = torch.zeros((per,) + tuple(part.shape[1:]), dtype=part.dtype, device=device)
+                padded[:part.shape[0]] = part
+                out = [torch.empty_like(padded) for _ in range(self.world_size)]
+                dist.all_gather(out, padded)
+                return torch.cat(out)[:n]
+
+            t = gather(t)
+            z = gather(z) if explore else None
+        return z, t
 
     # ----------------------------------------------------------------------------------------------- the step
 
@@ -971,7 +991,6 @@ class TGTTrainer:
         """
         import torch.distributed as dist
 
-        c = self.config
         dataset, collate = _as_dataset(train, "train")
         n = len(dataset)
         if n == 0:
