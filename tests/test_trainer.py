@@ -364,3 +364,24 @@ def test_lr_schedule_and_warmup():
     lrs = [r["lr"] for r in hist.train]
     assert lrs[:3] == pytest.approx([0.1 / 3, 0.2 / 3, 0.1])
     assert lrs[3:] == pytest.approx([0.1 * (1 - k / 4) for k in (1, 2, 3)])
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self):
+        self.x, self.y = data()
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "label": self.y[i]}
+
+
+def test_dataloader_workers_give_the_same_run():
+    """Worker processes load the batches in the loop's order: same weights as loading in the main process."""
+    kw = dict(exploration="random", batch_size=5, grad_accum_steps=2, epochs=2, progress=False)
+    fn = lambda b: (b["image"], b["label"])  # noqa: E731
+    a, ha = train(TGTConfig(num_workers=0, **kw), d=_Rows(), batch_fn=fn)
+    b, hb = train(TGTConfig(num_workers=2, **kw), d=_Rows(), batch_fn=fn)
+    assert ha.steps == hb.steps == 6  # 5 micro-batches of 5 (the last one of 4) per epoch, 2 per step
+    assert_same_weights(a, b)

@@ -66,7 +66,7 @@ _MASK64 = (1 << 64) - 1
 # that a resumed run must match.
 _NOT_FINGERPRINTED = frozenset(
     {"out_dir", "checkpoint_every", "resume", "overwrite", "log_every", "eval_every", "progress", "plot",
-     "device", "distributed_backend"}
+     "device", "distributed_backend", "num_workers"}
 )
 
 
@@ -108,6 +108,8 @@ _FIELD_DOCS = {
     "resume": "continue from out_dir/checkpoint.pt when it exists; its config must match",
     "overwrite": "let a fresh run (resume false) replace an existing checkpoint in out_dir",
     "log_every": "record a metrics line every N steps and at the last step (>= 1)",
+    "num_workers": "DataLoader worker processes that load and collate the batches (0: the main process does); "
+                   "tensor data is always gathered in the main process",
     "eval_every": "evaluate on the validation set every N steps (0: only at the end)",
     "progress": "show a tqdm progress bar; null: when stderr is a terminal",
     "plot": "write curves.png at the end (needs matplotlib)",
@@ -154,6 +156,7 @@ class TGTConfig:
     resume: bool = False
     overwrite: bool = False
     log_every: int = 10
+    num_workers: int = 0
     eval_every: int = 0
     progress: Optional[bool] = None
     plot: bool = True
@@ -173,7 +176,7 @@ class TGTConfig:
         for name in ("samples_per_example", "explore_steps", "batch_size", "grad_accum_steps", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "checkpoint_every", "eval_every", "seed"):
+        for name in ("warmup_steps", "checkpoint_every", "eval_every", "seed", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config.{name} must be >= 0, got {getattr(self, name)}")
         if self.log_every < 1:
@@ -422,6 +425,19 @@ def _default_batch_fn(batch: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]
 # ---------------------------------------------------------------------------------------------------------------
 
 
+class _StepSampler:
+    """The batch sampler of the DataLoader used with ``num_workers > 0``: this rank's micro-batches of the steps
+    ``start .. total - 1``, in the order the training loop consumes them."""
+
+    def __init__(self, trainer: "TGTTrainer", start: int, total: int, n: int, micro: int, spe: int) -> None:
+        self.trainer, self.start, self.total, self.n, self.micro, self.spe = trainer, start, total, n, micro, spe
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            for _, idx, _, _ in self.trainer._step_batches(step, self.n, self.micro, self.spe)[1]:
+                yield idx
+
+
 class TGTTrainer:
     """Train ``student`` by Teacher Guided Training (see the module docstring for the objective).
 
@@ -581,8 +597,10 @@ class TGTTrainer:
             if isinstance(mod, nn.Module):
                 mod.to(device)
 
-    def _load_batch(self, dataset, collate, indices: Sequence[int], device: torch.device):
-        if isinstance(dataset, _TensorPairs):  # rows of tensors: one gather instead of a per-example collate
+    def _load_batch(self, dataset, collate, indices: Sequence[int], device: torch.device, batch: Any = None):
+        if batch is not None:  # collated by a DataLoader worker
+            pass
+        elif isinstance(dataset, _TensorPairs):  # rows of tensors: one gather instead of a per-example collate
             ii = torch.as_tensor(list(indices), dtype=torch.long)
             batch = tuple(t[ii] for t in dataset.tensors)
         else:
@@ -806,10 +824,10 @@ class TGTTrainer:
         import torch.distributed as dist
 
         c = self.config
-        dataset, collate, cache_z, cache_t = data
+        dataset, collate, cache_z, cache_t, fetch = data
         loaded = []
         for micro, idx, start, _ in batches:
-            x, y = self._load_batch(dataset, collate, idx, device)
+            x, y = self._load_batch(dataset, collate, idx, device, None if fetch is None else fetch())
             loaded.append((micro, idx, start, x, y))
         # Normalisers: global counts over all accumulated micro-batches and ranks.
         n_all = sum(size for *_, size in batches)
@@ -1052,7 +1070,14 @@ class TGTTrainer:
         cache_z = cache_t = None
         if c.cache_teacher:
             cache_z, cache_t = self._teacher_cache(dataset, collate, device, progress)
-        data = (dataset, collate, cache_z, cache_t)
+        fetch = None
+        if c.num_workers > 0 and not isinstance(dataset, _TensorPairs):
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=_StepSampler(self, self.step, total, n, micro, spe), collate_fn=collate,
+                num_workers=c.num_workers)
+            batches_iter = iter(loader)
+            fetch = lambda: next(batches_iter)  # noqa: E731 - in the sampler's order, which is the loop's
+        data = (dataset, collate, cache_z, cache_t, fetch)
 
         metrics_path = os.path.join(c.out_dir, "metrics.jsonl") if (c.out_dir and self.rank == 0) else None
         bar = _progress(range(self.step, total), progress, desc="train", total=total, initial=self.step)
