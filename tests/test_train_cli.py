@@ -1,5 +1,6 @@
 """``tgtfast train --config FILE.yaml``: end to end on a tiny problem, and its errors."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -90,7 +91,9 @@ def test_quick_end_to_end(tmp_path, capsys, monkeypatch):
     assert summary["out_dir"] == str(out)
     lines = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert [l["step"] for l in lines if "loss" in l] == [1, 2, 3, 4, 5]
-    assert (out / "curves.png").stat().st_size > 1000 and (out / "checkpoint.pt").exists()
+    assert (out / "checkpoint.pt").exists()
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot is optional
+        assert (out / "curves.png").stat().st_size > 1000
     # a second run refuses to replace the saved one (in this process, through the same entry point)
     monkeypatch.chdir(tmp_path)
     before = (out / "checkpoint.pt").read_bytes()

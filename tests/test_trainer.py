@@ -1,6 +1,7 @@
 """TGTTrainer: exploration modes, the loss terms against a hand-written step, accumulation, the teacher cache,
 determinism, bad input, resume after SIGKILL, and 2-process torchrun against a single process."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from tgtfast import reference
 from tgtfast.trainer import TGTConfig, TGTTrainer, noise_seed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 SCRIPT = os.path.join(HERE, "trainer_script.py")
 sys.path.insert(0, HERE)
 import trainer_script  # noqa: E402
@@ -256,7 +258,8 @@ def test_ptloss_and_val_metrics(tmp_path):
     assert hist.val[-1]["val_acc"] == pytest.approx(hist2["val_acc"])
     lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert [l["step"] for l in lines if "loss" in l] == [1, 2, 3]
-    assert os.path.getsize(tmp_path / "curves.png") > 1000
+    if HAVE_MATPLOTLIB:  # the plot is optional: written when matplotlib is installed
+        assert os.path.getsize(tmp_path / "curves.png") > 1000
     assert json.load(open(tmp_path / "history.json"))["steps"] == 3
 
 
