@@ -7,6 +7,8 @@
   straight from hidden states and output projections, chunk by chunk, without materialising the logits.
 * :func:`proxy_teacher` / :func:`search_coefficients`: the Proxy Teacher, which picks PTLoss coefficients on a
   validation set (``tgtfast coeffs`` on the command line).
+* :class:`TGTTrainer` / :class:`TGTConfig`: Teacher Guided Training of a student from a frozen teacher
+  generator and labeler (``tgtfast train`` on the command line).
 * :func:`perturb_decode_label`: Teacher Guided Training's perturb -> decode -> label step, with the counter-based
   noise :func:`latent_noise`, the fused :func:`perturb` and :func:`temperature_softmax`.
 * :func:`backends`: which implementations this machine can run, and why not the others.
@@ -25,6 +27,7 @@ from tgtfast.proxy import (
     search_coefficients,
     stationarity_residual,
 )
+from tgtfast.trainer import TGTConfig, TGTHistory, TGTTrainer
 from tgtfast.tgt import latent_noise, perturb, perturb_decode_label, temperature_softmax
 
 __version__ = "0.1.0"
@@ -47,6 +50,9 @@ __all__ = [
     "stationarity_residual",
     "search_coefficients",
     "CoefficientSearchResult",
+    "TGTConfig",
+    "TGTTrainer",
+    "TGTHistory",
     "latent_noise",
     "perturb",
     "temperature_softmax",
