@@ -5,6 +5,8 @@
   :class:`LabelSmoothedKDLoss` and :class:`FocalKDLoss`.
 * :func:`proxy_teacher` / :func:`search_coefficients`: the Proxy Teacher, which picks PTLoss coefficients on a
   validation set (``tgtfast coeffs`` on the command line).
+* :class:`TGTTrainer` / :class:`TGTConfig`: Teacher Guided Training of a student from a frozen teacher
+  generator and labeler (``tgtfast train`` on the command line).
 * :func:`backends`: which implementations this machine can run, and why not the others.
 * :mod:`tgtfast.reference`: the eager PyTorch specification every backend is tested against.
 """
@@ -20,6 +22,7 @@ from tgtfast.proxy import (
     search_coefficients,
     stationarity_residual,
 )
+from tgtfast.trainer import TGTConfig, TGTHistory, TGTTrainer
 
 __version__ = "0.1.0"
 
@@ -39,4 +42,7 @@ __all__ = [
     "stationarity_residual",
     "search_coefficients",
     "CoefficientSearchResult",
+    "TGTConfig",
+    "TGTTrainer",
+    "TGTHistory",
 ]
