@@ -381,8 +381,8 @@ def load_or_train_teacher(cfg: DemoConfig, splits: DigitsSplits, cache_dir: Opti
                 log(f"teacher: loaded from cache {path}")
                 return Teacher(labeler, vae, teacher_metrics(labeler, vae, splits), path, True)
             log(f"teacher: cache file {path} was written for other settings; retraining")
-        except (OSError, RuntimeError, KeyError, ValueError, EOFError) as exc:
-            log(f"teacher: cache file {path} unreadable ({exc}); retraining")
+        except Exception as exc:  # a damaged or foreign file in the cache is replaced, whatever the reason
+            log(f"teacher: cache file {path} unreadable ({type(exc).__name__}); retraining")
     t0 = time.perf_counter()
     labeler = train_labeler(splits, cfg)
     vae = train_vae(splits, cfg)
@@ -413,7 +413,7 @@ def train_student(method: str, loss: str, x: torch.Tensor, y: torch.Tensor, teac
                   seed: int, coeffs: Optional[torch.Tensor] = None) -> nn.Sequential:
     """One student ``64-hidden-10`` trained on the labelled ``(x, y)`` by ``method`` with distillation loss
     ``loss`` (``"kl"`` or ``"ptloss"`` with ``coeffs``), through :class:`tgtfast.TGTTrainer`."""
-    from tgtfast.trainer import TGTConfig, TGTTrainer
+    import tgtfast
 
     torch.manual_seed(seed)
     student = mlp([NUM_PIXELS, cfg.student_hidden, NUM_CLASSES])
@@ -423,13 +423,13 @@ def train_student(method: str, loss: str, x: torch.Tensor, y: torch.Tensor, teac
     else:
         weights = dict(w_ce=cfg.w_ce, w_kd=cfg.w_kd, w_tgt=cfg.w_tgt if method.startswith("tgt") else 0.0)
         exploration = {"kd": "none", "tgt-random": "random", "tgt-gradient": "gradient"}[method]
-    config = TGTConfig(
+    config = tgtfast.TGTConfig(
         exploration=exploration, **weights, sigma=cfg.sigma, samples_per_example=cfg.samples_per_example,
         explore_steps=cfg.grad_steps, explore_step_size=cfg.grad_step_size, max_steps=cfg.steps,
         batch_size=len(y), optimizer="adam", lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed, device="cpu",
         out_dir=None, progress=False, plot=False,
     )
-    trainer = TGTTrainer(student, teacher.labeler, teacher.vae.decoder, teacher.vae.encoder,
+    trainer = tgtfast.TGTTrainer(student, teacher.labeler, teacher.vae.decoder, teacher.vae.encoder,
                                  loss=_distill_loss(loss, coeffs, cfg.temperature), config=config)
     trainer.fit((x, y))
     return student.eval()
