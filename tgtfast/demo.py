@@ -4,7 +4,7 @@ What it does (no download: the 8x8 digits ship with scikit-learn):
 
 1. Splits the 1797 images (pixels scaled to ``[0, 1]``) once, stratified and seeded, into teacher-train (60 %),
    validation (15 %) and test (25 %).
-2. Trains the teacher, or loads it from the cache: a labeler MLP ``64-256-256-10`` on the labelled teacher-train
+2. Trains the teacher, or loads it from the cache: a labeler MLP ``64-128-128-10`` on the labelled teacher-train
    split, and a generator, a small VAE ``64-128-d-128-64`` (sigmoid output), on the teacher-train images without
    their labels. Both are plain ``nn.Sequential`` stacks of ``Linear`` layers and activations; the encoder returns
    the VAE mean.
@@ -83,7 +83,7 @@ class DemoConfig:
     split_seed: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.25
-    labeler_hidden: Tuple[int, ...] = (256, 256)
+    labeler_hidden: Tuple[int, ...] = (128, 128)
     labeler_epochs: int = 60
     labeler_lr: float = 1e-3
     labeler_weight_decay: float = 1e-4
@@ -98,14 +98,14 @@ class DemoConfig:
     methods: Tuple[str, ...] = METHODS
     losses: Tuple[str, ...] = LOSSES
     student_hidden: int = 32
-    steps: int = 300
+    steps: int = 200
     lr: float = 1e-2
     weight_decay: float = 0.0
     w_ce: float = 1.0
     w_kd: float = 1.0
     w_tgt: float = 1.0
     temperature: float = 1.0
-    samples_per_example: int = 8
+    new_samples_per_step: int = 160  # TGT: about this many x' per step, ceil(160 / n) per labelled example
     sigma: float = 1.0
     grad_steps: int = 2
     grad_step_size: float = 0.5
@@ -144,7 +144,7 @@ class DemoConfig:
         bad = [x for x in self.losses if x not in LOSSES]
         if bad or not self.losses:
             raise ValueError(f"losses must be a non-empty subset of {LOSSES}, got {self.losses!r}")
-        for name in ("steps", "samples_per_example", "student_hidden", "labeler_epochs", "vae_epochs",
+        for name in ("steps", "new_samples_per_step", "student_hidden", "labeler_epochs", "vae_epochs",
                      "vae_latent", "pt_order", "pt_candidates"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -158,7 +158,7 @@ class DemoConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> "DemoConfig":
         """The ``--quick`` preset: one budget, two seeds, fewer steps; same teacher (cache shared)."""
-        base = dict(budgets=(20,), seeds=(0, 1), steps=150)
+        base = dict(budgets=(20,), seeds=(0, 1), steps=100)
         base.update(overrides)
         return cls(**base)
 
@@ -424,7 +424,8 @@ def train_student(method: str, loss: str, x: torch.Tensor, y: torch.Tensor, teac
         weights = dict(w_ce=cfg.w_ce, w_kd=cfg.w_kd, w_tgt=cfg.w_tgt if method.startswith("tgt") else 0.0)
         exploration = {"kd": "none", "tgt-random": "random", "tgt-gradient": "gradient"}[method]
     config = tgtfast.TGTConfig(
-        exploration=exploration, **weights, sigma=cfg.sigma, samples_per_example=cfg.samples_per_example,
+        exploration=exploration, **weights, sigma=cfg.sigma,
+        samples_per_example=max(1, math.ceil(cfg.new_samples_per_step / len(y))),
         explore_steps=cfg.grad_steps, explore_step_size=cfg.grad_step_size, max_steps=cfg.steps,
         batch_size=len(y), optimizer="adam", lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed, device="cpu",
         out_dir=None, progress=False, plot=False,
