@@ -14,6 +14,13 @@ TORCH_LIBRARY(tgtfast, m) {
       "ptloss_fwd(Tensor student, Tensor teacher, Tensor coeffs, Tensor? valid, float temperature, "
       "float label_smoothing, bool teacher_is_logits, bool need_grad_student, bool need_grad_teacher, "
       "float grad_scale=1.0) -> (Tensor, Tensor, Tensor)");
+  // TGT latent perturbation (csrc/philox.h): z + sigma * noise(seed, offset), the noise never stored. The seed's
+  // 64 bits travel as a (two's complement) int; offset >= 0 is the stream index of element 0.
+  m.def("perturb(Tensor z, float sigma, int seed, int offset) -> Tensor");
+  // Fills `out` with the noise stream of (seed, offset) (the perturbation of zeros with sigma = 1).
+  m.def("latent_noise_(Tensor(a!) out, int seed, int offset) -> ()");
+  // softmax(logits / temperature) over the last dimension.
+  m.def("temperature_softmax(Tensor logits, float temperature) -> Tensor");
 }
 
 namespace {

@@ -7,6 +7,8 @@
   validation set (``tgtfast coeffs`` on the command line).
 * :class:`TGTTrainer` / :class:`TGTConfig`: Teacher Guided Training of a student from a frozen teacher
   generator and labeler (``tgtfast train`` on the command line).
+* :func:`perturb_decode_label`: Teacher Guided Training's perturb -> decode -> label step, with the counter-based
+  noise :func:`latent_noise`, the fused :func:`perturb` and :func:`temperature_softmax`.
 * :func:`backends`: which implementations this machine can run, and why not the others.
 * :mod:`tgtfast.reference`: the eager PyTorch specification every backend is tested against.
 """
@@ -23,6 +25,7 @@ from tgtfast.proxy import (
     stationarity_residual,
 )
 from tgtfast.trainer import TGTConfig, TGTHistory, TGTTrainer
+from tgtfast.tgt import latent_noise, perturb, perturb_decode_label, temperature_softmax
 
 __version__ = "0.1.0"
 
@@ -45,4 +48,8 @@ __all__ = [
     "TGTConfig",
     "TGTTrainer",
     "TGTHistory",
+    "latent_noise",
+    "perturb",
+    "temperature_softmax",
+    "perturb_decode_label",
 ]

@@ -91,3 +91,89 @@ try:
 except Exception as exc:  # triton missing or broken: the dispatcher reports the backend as unavailable
     triton_error = f"{type(exc).__name__}: {exc}"
     logger.debug("tgtfast: Triton kernels not registered (%s)", triton_error)
+
+
+# ------------------------------------------------------------------------------------------------
+# Teacher Guided Training: the latent perturbation z + sigma * noise(seed, offset), the noise fill, and the
+# temperature softmax of the generic perturb -> decode -> label path (tgtfast/tgt.py). Tables map a backend
+# name to the op; a backend missing from a table cannot run that op (tgtfast.dispatch.select checks).
+PERTURB: Dict[str, Callable] = {}
+LATENT_NOISE: Dict[str, Callable] = {}
+TEMPERATURE_SOFTMAX: Dict[str, Callable] = {}
+
+
+def _perturb_fake(z, sigma, seed, offset):
+    return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+
+def _latent_noise_fake(out, seed, offset):
+    return None
+
+
+def _softmax_fake(logits, temperature):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _perturb_setup_context(ctx, inputs, output):
+    pass
+
+
+def _perturb_backward(ctx, grad):
+    # d(z + sigma * noise)/dz is the identity; sigma, seed and offset are not differentiable.
+    return grad, None, None, None
+
+
+def _softmax_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output)
+    ctx.inv_temperature = 1.0 / float(inputs[1])
+
+
+def _softmax_backward(ctx, grad):
+    # From the saved output y: dx = y * (g - sum_k g_k y_k) / T, accumulated in float32 (float64 for float64).
+    (y,) = ctx.saved_tensors
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    yf, gf = y.to(acc), grad.to(acc)
+    gx = yf * (gf - (gf * yf).sum(-1, keepdim=True)) * ctx.inv_temperature
+    return gx.to(y.dtype), None
+
+
+def _register_tgt(names: Dict[str, str], backends) -> None:
+    """Register fake kernels (C++ ops only) and autograd for the TGT ops `names` and file them under `backends`."""
+    for table, key, fake, autograd in (
+        (PERTURB, "perturb", _perturb_fake, (_perturb_backward, _perturb_setup_context)),
+        (LATENT_NOISE, "latent_noise_", _latent_noise_fake, None),
+        (TEMPERATURE_SOFTMAX, "temperature_softmax", _softmax_fake, (_softmax_backward, _softmax_setup_context)),
+    ):
+        qualname = names[key]
+        if fake is not None and backends != ("triton",):
+            torch.library.register_fake(qualname)(fake)
+        if autograd is not None:
+            torch.library.register_autograd(qualname, autograd[0], setup_context=autograd[1])
+        op = getattr(torch.ops.tgtfast, qualname.split("::")[1]).default
+        for backend in backends:
+            table[backend] = op
+
+
+if _ext.ext is not None and hasattr(torch.ops.tgtfast, "perturb"):
+    _register_tgt({k: f"tgtfast::{k}" for k in ("perturb", "latent_noise_", "temperature_softmax")}, ("cpp", "cuda"))
+
+tgt_triton_error: Optional[str] = None
+try:
+    from tgtfast.kernels import noise as _triton_noise
+    from tgtfast.kernels import softmax as _triton_softmax
+
+    torch.library.triton_op("tgtfast::perturb_triton", _triton_noise.perturb, mutates_args=())
+    torch.library.triton_op("tgtfast::latent_noise_triton_", _triton_noise.latent_noise_, mutates_args={"out"})
+    torch.library.triton_op("tgtfast::temperature_softmax_triton", _triton_softmax.temperature_softmax,
+                            mutates_args=())
+    _register_tgt(
+        {
+            "perturb": "tgtfast::perturb_triton",
+            "latent_noise_": "tgtfast::latent_noise_triton_",
+            "temperature_softmax": "tgtfast::temperature_softmax_triton",
+        },
+        ("triton",),
+    )
+except Exception as exc:  # triton missing or broken: these ops report the backend as unavailable
+    tgt_triton_error = f"{type(exc).__name__}: {exc}"
+    logger.debug("tgtfast: Triton TGT kernels not registered (%s)", tgt_triton_error)

@@ -15,6 +15,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "bench": "benchmark the fused ops",
         "coeffs": "search PTLoss coefficients with the Proxy Teacher",
         "backends": "list the backends and why some are off",
+        "train": "Teacher Guided Training from a YAML config (--help-config documents its keys)",
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: tgtfast {" + ",".join(commands) + "} [options]")
@@ -34,6 +35,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from tgtfast.proxy import coeffs_main
 
         return coeffs_main(rest)
+    if cmd == "train":
+        from tgtfast.train_cli import train_main
+
+        return train_main(rest)
     import tgtfast
 
     print(json.dumps(tgtfast.backends(), indent=2))

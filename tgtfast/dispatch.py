@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import importlib.util
 import os
-from typing import Dict, Optional, Union
+from typing import Container, Dict, Optional, Union
 
 import torch
 
@@ -91,11 +91,15 @@ def _env_backend() -> Backend:
         ) from None
 
 
-def _supports(backend: Backend, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    """None if `backend` can run on this device and dtype, else why not."""
+def _supports(
+    backend: Backend, device: torch.device, dtype: torch.dtype, kernels: Optional[Container[str]] = None
+) -> Optional[str]:
+    """None if `backend` can run on this device and dtype (and has a kernel in `kernels`), else why not."""
     why = _status()[backend]
     if why is not None:
         return why
+    if kernels is not None and backend is not Backend.REFERENCE and backend.value not in kernels:
+        return "this op has no kernel of that backend in this build"
     if backend is Backend.CUDA and device.type != "cuda":
         return f"needs CUDA tensors, got {device.type}"
     if backend is Backend.CPP and device.type != "cpu":
@@ -108,11 +112,18 @@ def _supports(backend: Backend, device: torch.device, dtype: torch.dtype) -> Opt
 
 
 def select(
-    backend: Union[str, Backend, None], device: torch.device, dtype: torch.dtype, *, op: str = "op"
+    backend: Union[str, Backend, None],
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    op: str = "op",
+    kernels: Optional[Container[str]] = None,
 ) -> Backend:
     """Choose the backend for one call of `op` on tensors of `device` and `dtype`.
 
-    Raises ValueError when a forced backend cannot run the call (naming the reason).
+    `kernels`, when given, names the backends that have a kernel for `op` (e.g. the keys of its table in
+    ``tgtfast._ops``); the others count as unavailable for this call. Raises ValueError when a forced
+    backend cannot run the call (naming the reason).
     """
     if backend is None:
         chosen = _env_backend()
@@ -124,12 +135,12 @@ def select(
                 f"{op}: backend={backend!r} is not one of {[b.value for b in Backend]}"
             ) from None
     if chosen is not Backend.AUTO:
-        why = _supports(chosen, device, dtype)
+        why = _supports(chosen, device, dtype, kernels)
         if why is not None:
             raise ValueError(f"{op}: backend={chosen.value!r} cannot run this call: {why}")
         return chosen
     order = (Backend.CUDA, Backend.TRITON) if device.type == "cuda" else (Backend.CPP,)
     for candidate in order:
-        if _supports(candidate, device, dtype) is None:
+        if _supports(candidate, device, dtype, kernels) is None:
             return candidate
     return Backend.REFERENCE

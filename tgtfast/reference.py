@@ -11,7 +11,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ptloss_rows", "ptloss", "reduce_rows", "mask_rows", "philox4x32_10", "latent_noise"]
+__all__ = [
+    "ptloss_rows",
+    "ptloss",
+    "reduce_rows",
+    "mask_rows",
+    "philox4x32_10",
+    "latent_noise",
+    "perturb",
+    "temperature_softmax",
+    "perturb_decode_label",
+]
 
 
 def ptloss_rows(
@@ -150,3 +160,26 @@ def latent_noise(shape, seed: int, offset: int = 0, *, device=None, dtype=torch.
     theta = 6.283185307179586 * u2
     n = radius * torch.where((j & 1) == 1, torch.sin(theta), torch.cos(theta))
     return n.reshape(tuple(shape)).to(device=device, dtype=dtype)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def perturb(z: torch.Tensor, sigma: float, seed: int, offset: int = 0) -> torch.Tensor:
+    """``z + sigma * latent_noise(z.shape, seed, offset)``, summed in float32 (float64 for float64 ``z``)."""
+    acc = _acc_dtype(z.dtype)
+    noise = latent_noise(z.shape, seed, offset, device=z.device, dtype=acc)
+    return (z.to(acc) + sigma * noise).to(z.dtype)
+
+
+def temperature_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``softmax(logits / temperature)`` over the last dimension, computed in float32 (float64 for float64)."""
+    return torch.softmax(logits.to(_acc_dtype(logits.dtype)) / temperature, dim=-1).to(logits.dtype)
+
+
+def perturb_decode_label(z, decoder, labeler, *, sigma: float, seed: int, offset: int = 0, temperature: float = 1.0):
+    """TGT random exploration (DESIGN.md section 3): ``x_new = decoder(z + sigma * noise)`` and
+    ``soft_labels = softmax(labeler(x_new) / temperature)``, with the noise of :func:`latent_noise`."""
+    x_new = decoder(perturb(z, sigma, seed, offset))
+    return x_new, temperature_softmax(labeler(x_new), temperature)

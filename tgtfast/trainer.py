@@ -69,52 +69,57 @@ _NOT_FINGERPRINTED = frozenset(
 )
 
 
+_FIELD_DOCS = {
+    "w_ce": "weight of CE(f(x), y) on the labelled examples (>= 0)",
+    "w_kd": "weight of the distillation term l_d(f(x), h(x)) on the training inputs (>= 0)",
+    "w_tgt": "weight of the distillation term l_d(f(x'), h(x')) on the generated samples (>= 0)",
+    "exploration": "how new samples are made: 'none' (plain distillation), 'random' (latent noise) or 'gradient' "
+                   "(latent gradient ascent on the student-teacher divergence)",
+    "sigma": "standard deviation of the latent noise (>= 0); in 'gradient' mode the noise of the starting point",
+    "samples_per_example": "new samples per training example and step (>= 1)",
+    "explore_steps": "gradient-ascent steps in 'gradient' mode (>= 1)",
+    "explore_step_size": "ascent step size in latent space (> 0)",
+    "explore_normalize": "divide each row's latent gradient by its L2 norm, so that a step moves each code by "
+                         "exactly explore_step_size; false: plain gradient ascent on the summed divergence",
+    "explore_radius": "if set, keep every explored code within this L2 distance of Enc(x) (projection)",
+    "batch_size": "examples per micro-batch over all processes (the global micro-batch, split between ranks)",
+    "grad_accum_steps": "micro-batches per optimiser step; the loss is normalised by the total number of examples "
+                        "in them (labelled examples for the CE term)",
+    "epochs": "passes over the training set (ignored when max_steps is set)",
+    "max_steps": "optimiser steps to run; overrides epochs",
+    "drop_last": "skip a last micro-batch smaller than batch_size (one smaller than the number of processes is "
+                 "always skipped)",
+    "optimizer": "'adamw', 'adam' or 'sgd'",
+    "lr": "learning rate (> 0), the peak of the schedule",
+    "weight_decay": "weight decay (>= 0), as in torch.optim",
+    "momentum": "SGD momentum (>= 0); unused by Adam/AdamW",
+    "lr_schedule": "'constant', 'cosine' (to 0) or 'linear' (to 0) over the run, after the warm-up",
+    "warmup_steps": "steps of linear learning-rate warm-up (>= 0)",
+    "grad_clip": "clip the gradient's global L2 norm to this value (> 0); null: no clipping",
+    "seed": "seeds the data order, the noise streams and torch's global generator (dropout); >= 0",
+    "device": "'cpu', 'cuda', 'cuda:1', ...; null: CUDA when available. Under torchrun on CUDA each process "
+              "takes cuda:LOCAL_RANK",
+    "bf16": "run the student's forward under torch.autocast(dtype=torch.bfloat16); losses stay float32",
+    "cache_teacher": "compute Enc(x) and h(x) of the training set once before training (false: every batch)",
+    "out_dir": "directory for metrics.jsonl, curves.png, history.json and checkpoint.pt (rank 0 writes); "
+               "null: write nothing",
+    "checkpoint_every": "also checkpoint every N optimiser steps (0: only at the end); needs out_dir",
+    "resume": "continue from out_dir/checkpoint.pt when it exists; its config must match",
+    "overwrite": "let a fresh run (resume false) replace an existing checkpoint in out_dir",
+    "log_every": "record a metrics line every N steps and at the last step (>= 1)",
+    "eval_every": "evaluate on the validation set every N steps (0: only at the end)",
+    "progress": "show a tqdm progress bar; null: when stderr is a terminal",
+    "plot": "write curves.png at the end (needs matplotlib)",
+    "distributed_backend": "process-group backend under torchrun: 'gloo', 'nccl' or 'mpi'; null: NCCL on CUDA, "
+                           "gloo on CPU",
+}
+
+
 @dataclass
 class TGTConfig:
-    """Settings of a :class:`TGTTrainer` run. Every field is validated when the config is built.
-
-    Objective and exploration:
-        w_ce, w_kd, w_tgt: weights of the three terms (CE on the labels, distillation on ``x``, distillation on
-            the new samples ``x'``); each ``>= 0``.
-        exploration: ``"none"``, ``"random"`` or ``"gradient"`` (see the module docstring).
-        sigma: standard deviation of the latent noise (``>= 0``); in ``"gradient"`` mode the noise of the
-            starting point.
-        samples_per_example: new samples drawn per training example and step (``>= 1``).
-        explore_steps: gradient-ascent steps in ``"gradient"`` mode (``>= 1``).
-        explore_step_size: ascent step size (``> 0``).
-        explore_normalize: divide each row's latent gradient by its L2 norm (the step then moves each code by
-            exactly ``explore_step_size``); otherwise plain gradient ascent on the summed divergence.
-        explore_radius: if set, keep every code within this L2 distance of ``Enc(x)``.
-
-    Optimisation:
-        batch_size: examples per micro-batch over all processes (the global micro-batch; split between ranks).
-        grad_accum_steps: micro-batches per optimiser step; the loss is normalised by the total number of
-            examples in them (labelled examples for the CE term).
-        epochs: passes over the training set (ignored when ``max_steps`` is set).
-        max_steps: optimiser steps to run (overrides ``epochs``).
-        drop_last: skip a last micro-batch smaller than ``batch_size``. A last micro-batch smaller than the
-            number of processes is always skipped.
-        optimizer: ``"adamw"``, ``"adam"`` or ``"sgd"``; lr, weight_decay, momentum (SGD only) as in torch.optim.
-        lr_schedule: ``"constant"``, ``"cosine"`` (to 0) or ``"linear"`` (to 0), after ``warmup_steps`` of
-            linear warm-up.
-        grad_clip: clip the gradient's global L2 norm to this value.
-        seed: seeds the data order, the noise streams and torch's global generator (dropout).
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None`` picks CUDA when available. Under ``torchrun``
-            on CUDA each process takes ``cuda:LOCAL_RANK``.
-        bf16: run the student's forward under ``torch.autocast(dtype=torch.bfloat16)``; losses in float32.
-        cache_teacher: compute ``Enc(x)`` and ``h(x)`` of the training set once before training.
-
-    Output (rank 0 only):
-        out_dir: directory for ``metrics.jsonl``, ``curves.png``, ``history.json`` and ``checkpoint.pt``;
-            ``None`` writes nothing.
-        checkpoint_every: also checkpoint every N optimiser steps (0: only at the end). Needs ``out_dir``.
-        resume: continue from ``out_dir/checkpoint.pt`` when it exists (its config must match).
-        overwrite: allow a fresh run (``resume=False``) to replace an existing checkpoint in ``out_dir``.
-        log_every: write a metrics line every N steps (and at the last step).
-        eval_every: evaluate on ``val`` every N steps (0: only at the end).
-        progress: show a tqdm progress bar; ``None``: when stderr is a terminal.
-        plot: write ``curves.png`` at the end (needs matplotlib).
-        distributed_backend: process-group backend under ``torchrun``; ``None``: NCCL on CUDA, gloo on CPU.
+    """Settings of a :class:`TGTTrainer` run; every field is validated when the config is built (a wrong type
+    is a ``TypeError``, a value out of range a ``ValueError``, both naming the field). The fields (also printed
+    by ``tgtfast train --help-config``):
     """
 
     w_ce: float = 1.0
@@ -208,45 +213,15 @@ class TGTConfig:
     @classmethod
     def describe(cls) -> str:
         """Every field with its type, default and meaning (the text ``tgtfast train --help-config`` prints)."""
-        docs = _field_docs(cls.__doc__ or "")
         hints = typing.get_type_hints(cls)
-        lines = []
-        for f in dataclasses.fields(cls):
-            tname = _type_name(hints[f.name])
-            lines.append(f"{f.name} ({tname}, default {f.default!r}): {docs.get(f.name, '')}")
-        return "\n".join(lines)
+        return "\n".join(
+            f"{f.name} ({_type_name(hints[f.name])}, default {_yaml_value(f.default)}): {_FIELD_DOCS[f.name]}"
+            for f in dataclasses.fields(cls)
+        )
 
 
-def _field_docs(doc: str) -> Dict[str, str]:
-    """Map each field name to its description in the class docstring (entries ``a, b: text`` share it)."""
-    out: Dict[str, str] = {}
-    names: List[str] = []
-    text: List[str] = []
-
-    def flush() -> None:
-        for n in names:
-            out[n] = " ".join(text).strip()
-
-    for raw in doc.splitlines():
-        line = raw.strip()
-        indent = len(raw) - len(raw.lstrip())
-        if indent == 8 and ":" in line and not line.endswith(":"):
-            head, rest = line.split(":", 1)
-            cand = [h.strip() for h in head.replace(" as in torch.optim", "").split(",")]
-            if all(c.isidentifier() for c in cand):
-                flush()
-                names, text = cand, [rest.strip()]
-                continue
-        if indent >= 12 and names:
-            text.append(line)
-        elif names and indent < 8:
-            flush()
-            names, text = [], []
-    flush()
-    # "optimizer: ... lr, weight_decay, momentum (SGD only) as in torch.optim." covers three more fields.
-    for n in ("lr", "weight_decay", "momentum"):
-        out.setdefault(n, "as in torch.optim (momentum: SGD only)")
-    return out
+def _yaml_value(v: Any) -> str:
+    return "null" if v is None else ("true" if v is True else "false" if v is False else repr(v))
 
 
 def _type_name(t: Any) -> str:
@@ -295,6 +270,11 @@ def _check_range(name: str, value: float, *, low: float, strict: bool = False) -
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"config.{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+TGTConfig.__doc__ = (TGTConfig.__doc__ or "") + "\n" + "\n".join(
+    "    " + line for line in TGTConfig.describe().splitlines()
+) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -620,6 +600,14 @@ class TGTTrainer:
         """Run the models once on two training examples: shape errors surface before anything is written."""
         idx = list(range(min(2, len(dataset))))
         x, y = self._load_batch(dataset, collate, idx, device)
+        was_training = self.student.training
+        self.student.eval()  # no dropout draws, no batch-norm statistics updates
+        try:
+            self._probe_models(x, y)
+        finally:
+            self.student.train(was_training)
+
+    def _probe_models(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> None:
         with torch.no_grad():
             t = self.labeler(x)
             s = self.student(x)

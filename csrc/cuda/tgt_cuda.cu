@@ -1,0 +1,170 @@
+// TGT kernels on the GPU (contract in tgt_cuda.h).
+//
+// perturb: one thread per group of four stream indices (one Philox4x32-10 call, two Box-Muller pairs with one
+// log and one sincos each), grid-stride over the groups the tensor touches. The data is read and written once,
+// and the noise never exists in memory. Accurate logf / sincosf (no fast-math intrinsics), so the numbers agree
+// with the CPU kernel within float rounding.
+//
+// softmax: one block of 256 threads per row, three sweeps (max, sum of exp, write) with warp shuffles and one
+// shared-memory step per reduction; the second and third sweeps re-read the row from L2.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "philox.h"
+#include "tgt_cuda.h"
+
+namespace tgtfast {
+namespace cuda {
+namespace {
+
+template <typename T>
+struct Conv;
+template <>
+struct Conv<float> {
+  using Acc = float;
+  __device__ static float load(const float* p, int64_t i) { return p[i]; }
+  __device__ static void store(float* p, int64_t i, float v) { p[i] = v; }
+};
+template <>
+struct Conv<double> {
+  using Acc = double;
+  __device__ static double load(const double* p, int64_t i) { return p[i]; }
+  __device__ static void store(double* p, int64_t i, double v) { p[i] = v; }
+};
+template <>
+struct Conv<__half> {
+  using Acc = float;
+  __device__ static float load(const __half* p, int64_t i) { return __half2float(p[i]); }
+  __device__ static void store(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
+};
+template <>
+struct Conv<__nv_bfloat16> {
+  using Acc = float;
+  __device__ static float load(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
+  __device__ static void store(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
+};
+
+template <typename T>
+__device__ __forceinline__ void put(const T* __restrict__ z, T* __restrict__ out, int64_t i,
+                                    typename Conv<T>::Acc sigma, float n) {
+  using A = typename Conv<T>::Acc;
+  const A v = sigma * static_cast<A>(n);
+  Conv<T>::store(out, i, z != nullptr ? Conv<T>::load(z, i) + v : v);
+}
+
+template <typename T>
+__global__ void perturb_kernel(const T* __restrict__ z, T* __restrict__ out, int64_t numel,
+                               typename Conv<T>::Acc sigma, uint64_t seed, uint64_t offset) {
+  const uint64_t g_first = offset >> 2;
+  const uint64_t g_count = ((offset + static_cast<uint64_t>(numel) - 1) >> 2) - g_first + 1;
+  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+  for (uint64_t t = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < g_count; t += stride) {
+    const uint64_t g = g_first + t;
+    const philox::U4 w = philox::group_words(seed, g);
+    const int64_t i0 = static_cast<int64_t>(4 * g - offset);  // element of stream index 4g (may be < 0)
+#pragma unroll
+    for (int pair = 0; pair < 2; ++pair) {
+      const uint32_t a = pair ? w.x2 : w.x0;
+      const uint32_t b = pair ? w.x3 : w.x1;
+      const int64_t ie = i0 + 2 * pair, io = ie + 1;
+      if (io < 0 || ie >= numel) continue;
+      const float radius = sqrtf(-2.0f * logf(philox::to_open_unit(a)));
+      const float theta = 6.283185307179586f * philox::to_open_unit(b);
+      float s, c;
+      sincosf(theta, &s, &c);
+      if (ie >= 0) put(z, out, ie, sigma, radius * c);
+      if (io < numel) put(z, out, io, sigma, radius * s);
+    }
+  }
+}
+
+constexpr int kThreads = 256;
+
+template <typename A, typename Op>
+__device__ A block_reduce(A v, Op op, A* shared) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // `shared` may still be read by the previous reduction
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = shared[0];
+#pragma unroll
+  for (int k = 1; k < kThreads / 32; ++k) v = op(v, shared[k]);
+  return v;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) softmax_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t cols,
+                                                           typename Conv<T>::Acc inv_t) {
+  using A = typename Conv<T>::Acc;
+  __shared__ A shared[kThreads / 32];
+  const T* xr = x + static_cast<int64_t>(blockIdx.x) * cols;
+  T* yr = y + static_cast<int64_t>(blockIdx.x) * cols;
+  A mx = -INFINITY;
+  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+    const A v = Conv<T>::load(xr, j);
+    mx = v > mx ? v : mx;  // NaN never wins here; it reaches the sum below
+  }
+  mx = block_reduce(mx, [](A a, A b) { return b > a ? b : a; }, shared);
+  A sum = 0;
+  for (int64_t j = threadIdx.x; j < cols; j += kThreads) sum += exp((Conv<T>::load(xr, j) - mx) * inv_t);
+  sum = block_reduce(sum, [](A a, A b) { return a + b; }, shared);
+  const A inv_sum = A(1) / sum;
+  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+    Conv<T>::store(yr, j, exp((Conv<T>::load(xr, j) - mx) * inv_t) * inv_sum);
+  }
+}
+
+template <typename T>
+cudaError_t launch_perturb(const PerturbArgs& a, cudaStream_t stream) {
+  const uint64_t groups = ((a.offset + static_cast<uint64_t>(a.numel) - 1) >> 2) - (a.offset >> 2) + 1;
+  const uint64_t blocks = (groups + kThreads - 1) / kThreads;
+  const unsigned grid = static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
+  perturb_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(a.z), static_cast<T*>(a.out), a.numel,
+                                                   static_cast<typename Conv<T>::Acc>(a.sigma), a.seed, a.offset);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_softmax(const SoftmaxArgs& a, cudaStream_t stream) {
+  softmax_kernel<T><<<static_cast<unsigned>(a.rows), kThreads, 0, stream>>>(
+      static_cast<const T*>(a.x), static_cast<T*>(a.y), a.cols, static_cast<typename Conv<T>::Acc>(a.inv_temperature));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t perturb(const PerturbArgs& a, cudaStream_t stream) {
+  if (a.numel < 0 || a.out == nullptr || !(a.sigma >= 0) || a.offset >= (uint64_t{1} << 63) ||
+      static_cast<uint64_t>(a.numel) > (uint64_t{1} << 63) - a.offset) {
+    return cudaErrorInvalidValue;
+  }
+  if (a.numel == 0) return cudaSuccess;
+  switch (a.dtype) {
+    case TgtDType::kFloat32: return launch_perturb<float>(a, stream);
+    case TgtDType::kFloat16: return launch_perturb<__half>(a, stream);
+    case TgtDType::kBFloat16: return launch_perturb<__nv_bfloat16>(a, stream);
+    case TgtDType::kFloat64: return launch_perturb<double>(a, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t temperature_softmax(const SoftmaxArgs& a, cudaStream_t stream) {
+  if (a.rows < 0 || a.cols <= 0 || a.rows > 0x7fffffff || !(a.inv_temperature > 0)) return cudaErrorInvalidValue;
+  if (a.rows == 0) return cudaSuccess;
+  switch (a.dtype) {
+    case TgtDType::kFloat32: return launch_softmax<float>(a, stream);
+    case TgtDType::kFloat16: return launch_softmax<__half>(a, stream);
+    case TgtDType::kBFloat16: return launch_softmax<__nv_bfloat16>(a, stream);
+    case TgtDType::kFloat64: return launch_softmax<double>(a, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace tgtfast

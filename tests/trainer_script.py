@@ -1,0 +1,66 @@
+"""A small TGT run used by tests/test_trainer.py in subprocesses (torchrun, SIGKILL + resume).
+
+usage: python trainer_script.py OUT_DIR RESULT.pt [--kill-at STEP] [--resume] [--mode random] [--dropout]
+Writes the student's final state_dict to RESULT.pt (rank 0)."""
+
+import argparse
+import os
+import signal
+
+import torch
+from torch import nn
+
+import tgtfast
+
+N, D, LATENT, K = 32, 6, 3, 4
+
+
+def models(dropout: bool):
+    torch.manual_seed(123)
+    labeler = nn.Sequential(nn.Linear(D, 16), nn.Tanh(), nn.Linear(16, K))
+    encoder = nn.Linear(D, LATENT)
+    decoder = nn.Sequential(nn.Linear(LATENT, 16), nn.ReLU(), nn.Linear(16, D))
+    layers = [nn.Linear(D, 8), nn.ReLU()] + ([nn.Dropout(0.2)] if dropout else []) + [nn.Linear(8, K)]
+    return nn.Sequential(*layers), labeler, decoder, encoder
+
+
+def data():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(N, D, generator=g)
+    y = torch.randint(0, K, (N,), generator=g)
+    y[::3] = -100  # unlabelled examples: the CE normaliser differs between micro-batches and ranks
+    return x, y
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out_dir")
+    ap.add_argument("result")
+    ap.add_argument("--kill-at", type=int, default=0)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--mode", default="random")
+    ap.add_argument("--dropout", action="store_true")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--checkpoint-every", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    student, labeler, decoder, encoder = models(args.dropout)
+    cfg = tgtfast.TGTConfig(
+        exploration=args.mode, sigma=0.7, samples_per_example=2, explore_steps=2, batch_size=8, grad_accum_steps=2,
+        max_steps=args.steps, lr=0.05, optimizer="adamw", lr_schedule="cosine", warmup_steps=2, seed=3,
+        out_dir=args.out_dir, checkpoint_every=args.checkpoint_every, resume=args.resume, overwrite=not args.resume,
+        log_every=1, plot=False, progress=False,
+    )
+    trainer = tgtfast.TGTTrainer(student, labeler, decoder, encoder, loss=tgtfast.KDLoss(temperature=2.0), config=cfg)
+
+    def callback(tr, record):
+        if args.kill_at and record["step"] == args.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer.fit(data(), callback=callback)
+    if trainer.rank == 0:
+        torch.save(student.state_dict(), args.result)
+
+
+if __name__ == "__main__":
+    main()
