@@ -152,3 +152,18 @@ def test_help_config_documents_every_key(capsys):
     assert text == help_config() + "\n"
     for key in list(CONFIG_KEYS) + list(LOSS_KEYS) + list(TGTConfig.__dataclass_fields__):
         assert f"  {key}" in text, key
+
+
+def test_ptloss_coefficients_from_the_proxy_teacher(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = write(tmp_path, loss="{name: ptloss, coeffs: search, order: 2, num_candidates: 4}")
+    assert train_main(["--config", cfg, "--quick"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 5
+    ckpt = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    # the searched coefficients are part of the run's identity: another loss cannot resume it
+    text = open(cfg).read().replace("coeffs: search, order: 2, num_candidates: 4", "coeffs: [0.0, 0.0]")
+    open(cfg, "w").write(text)
+    assert train_main(["--config", cfg, "--quick", "--resume"]) == 2
+    assert "another configuration" in capsys.readouterr().err
+    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["step"] == ckpt["step"]

@@ -17,6 +17,8 @@ from tgtfast.trainer import TGTConfig, TGTTrainer, noise_seed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "trainer_script.py")
+sys.path.insert(0, HERE)
+import trainer_script  # noqa: E402
 N, D, LATENT, K = 24, 6, 3, 4
 
 
@@ -139,6 +141,7 @@ def test_gradient_exploration_ascends_and_respects_radius():
     def explored(**kw):
         cfg = TGTConfig(exploration="gradient", sigma=0.0, progress=False, **kw)
         tr = TGTTrainer(student(), lab, nn.Identity(), nn.Identity(), loss=loss, config=cfg)
+        tr._freeze_teacher()
         x_new, t_new = tr._explore(x, 0, 0, 0)
         with torch.no_grad():
             div = F.kl_div(F.log_softmax(tr.student(x_new), -1), F.softmax(t_new, -1), reduction="none").sum(-1)
@@ -300,8 +303,7 @@ def _run(args, **kw):
 
 def test_resume_after_sigkill_matches_straight_run(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    r = _run([sys.executable, SCRIPT, str(straight), str(tmp_path / "a.pt"), "--dropout"])
-    assert r.returncode == 0, r.stderr
+    trainer_script.run(straight, tmp_path / "a.pt", dropout=True)  # in this process: the same code, one thread
     r = _run([sys.executable, SCRIPT, str(killed), str(tmp_path / "b.pt"), "--dropout", "--kill-at", "5"])
     assert r.returncode == -9, (r.returncode, r.stderr)
     assert torch.load(killed / "checkpoint.pt", weights_only=False)["step"] == 3
@@ -319,10 +321,11 @@ def test_resume_after_sigkill_matches_straight_run(tmp_path):
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
-    r = _run([sys.executable, SCRIPT, str(tmp_path / "one"), str(tmp_path / "one.pt"), "--steps", "4"])
-    assert r.returncode == 0, r.stderr
+    """Gradient exploration (its random start included) with accumulation, on 2 gloo processes and on one."""
+    mode = ["--mode", "gradient", "--steps", "4"]
+    trainer_script.run(tmp_path / "one", tmp_path / "one.pt", mode="gradient", steps=4)
     r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-              SCRIPT, str(tmp_path / "two"), str(tmp_path / "two.pt"), "--steps", "4"])
+              SCRIPT, str(tmp_path / "two"), str(tmp_path / "two.pt"), *mode])
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     for k in one:
@@ -330,3 +333,55 @@ def test_torchrun_two_processes_match_one(tmp_path):
     h1 = json.load(open(tmp_path / "one" / "history.json"))["train"]
     h2 = json.load(open(tmp_path / "two" / "history.json"))["train"]
     assert [r["loss"] for r in h1] == pytest.approx([r["loss"] for r in h2], rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["random", "gradient"])
+def test_new_samples_go_through_perturb_decode_label(monkeypatch, mode):
+    """The trainer labels its new samples with the package's perturb -> decode -> label op (fused when it can)."""
+    from tgtfast import trainer as trainer_module
+
+    inner = trainer_module._perturb_decode_label()
+    calls = []
+
+    def spy(z, decoder, labeler, **kw):
+        calls.append(kw)
+        return inner(z, decoder, labeler, **kw)
+
+    monkeypatch.setattr(tgtfast, "perturb_decode_label", spy, raising=False)
+    cfg = TGTConfig(exploration=mode, batch_size=8, max_steps=2, explore_steps=2, sigma=0.3, progress=False)
+    train(cfg, loss=tgtfast.KDLoss(temperature=3.0))
+    per_micro = 1 if mode == "random" else 3  # gradient: one call per ascent step and one for the final labels
+    assert len(calls) == 2 * per_micro
+    assert all(c["temperature"] == 3.0 for c in calls)
+    if mode == "random":
+        assert [c["sigma"] for c in calls] == [0.3, 0.3] and calls[0]["seed"] == noise_seed(0, 0, 0, 0)
+
+
+def test_lr_schedule_and_warmup():
+    cfg = TGTConfig(exploration="none", batch_size=8, max_steps=6, lr=0.1, lr_schedule="linear", warmup_steps=2,
+                    log_every=1, progress=False)
+    _, hist = train(cfg)
+    lrs = [r["lr"] for r in hist.train]
+    assert lrs[:3] == pytest.approx([0.1 / 3, 0.2 / 3, 0.1])
+    assert lrs[3:] == pytest.approx([0.1 * (1 - k / 4) for k in (1, 2, 3)])
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self):
+        self.x, self.y = data()
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "label": self.y[i]}
+
+
+def test_dataloader_workers_give_the_same_run():
+    """Worker processes load the batches in the loop's order: same weights as loading in the main process."""
+    kw = dict(exploration="random", batch_size=5, grad_accum_steps=2, epochs=2, progress=False)
+    fn = lambda b: (b["image"], b["label"])  # noqa: E731
+    a, ha = train(TGTConfig(num_workers=0, **kw), d=_Rows(), batch_fn=fn)
+    b, hb = train(TGTConfig(num_workers=2, **kw), d=_Rows(), batch_fn=fn)
+    assert ha.steps == hb.steps == 6  # 5 micro-batches of 5 (the last one of 4) per epoch, 2 per step
+    assert_same_weights(a, b)

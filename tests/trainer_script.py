@@ -32,6 +32,25 @@ def data():
     return x, y
 
 
+def run(out_dir, result, *, kill_at=0, resume=False, mode="random", dropout=False, steps=8, checkpoint_every=3):
+    student, labeler, decoder, encoder = models(dropout)
+    cfg = tgtfast.TGTConfig(
+        exploration=mode, sigma=0.7, samples_per_example=2, explore_steps=2, batch_size=8, grad_accum_steps=2,
+        max_steps=steps, lr=0.05, optimizer="adamw", lr_schedule="cosine", warmup_steps=2, seed=3,
+        out_dir=str(out_dir), checkpoint_every=checkpoint_every, resume=resume, overwrite=not resume,
+        log_every=1, plot=False, progress=False,
+    )
+    trainer = tgtfast.TGTTrainer(student, labeler, decoder, encoder, loss=tgtfast.KDLoss(temperature=2.0), config=cfg)
+
+    def callback(tr, record):
+        if kill_at and record["step"] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer.fit(data(), callback=callback)
+    if trainer.rank == 0:
+        torch.save(student.state_dict(), str(result))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out_dir")
@@ -44,22 +63,8 @@ def main() -> None:
     ap.add_argument("--checkpoint-every", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    student, labeler, decoder, encoder = models(args.dropout)
-    cfg = tgtfast.TGTConfig(
-        exploration=args.mode, sigma=0.7, samples_per_example=2, explore_steps=2, batch_size=8, grad_accum_steps=2,
-        max_steps=args.steps, lr=0.05, optimizer="adamw", lr_schedule="cosine", warmup_steps=2, seed=3,
-        out_dir=args.out_dir, checkpoint_every=args.checkpoint_every, resume=args.resume, overwrite=not args.resume,
-        log_every=1, plot=False, progress=False,
-    )
-    trainer = tgtfast.TGTTrainer(student, labeler, decoder, encoder, loss=tgtfast.KDLoss(temperature=2.0), config=cfg)
-
-    def callback(tr, record):
-        if args.kill_at and record["step"] == args.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    trainer.fit(data(), callback=callback)
-    if trainer.rank == 0:
-        torch.save(student.state_dict(), args.result)
+    run(args.out_dir, args.result, kill_at=args.kill_at, resume=args.resume, mode=args.mode, dropout=args.dropout,
+        steps=args.steps, checkpoint_every=args.checkpoint_every)
 
 
 if __name__ == "__main__":

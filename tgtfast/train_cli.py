@@ -32,7 +32,7 @@ import json
 import os
 import sys
 from numbers import Integral, Real
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 __all__ = ["train_main", "CONFIG_KEYS", "LOSS_KEYS", "help_config"]
 
@@ -144,8 +144,6 @@ def _int(loss: Dict[str, Any], key: str, default: int) -> int:
 
 
 def _make_loss(spec: Any, labeler: Any, val: Any, batch_fn: Optional[Callable], base_dir: str):
-    import torch
-
     import tgtfast
 
     spec = {"name": "kl"} if spec is None else spec

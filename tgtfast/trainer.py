@@ -40,9 +40,10 @@ import sys
 import tempfile
 import time
 import typing
+import warnings
 from dataclasses import dataclass, field
 from numbers import Integral, Real
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as TF
@@ -65,7 +66,7 @@ _MASK64 = (1 << 64) - 1
 # that a resumed run must match.
 _NOT_FINGERPRINTED = frozenset(
     {"out_dir", "checkpoint_every", "resume", "overwrite", "log_every", "eval_every", "progress", "plot",
-     "device", "distributed_backend"}
+     "device", "distributed_backend", "num_workers"}
 )
 
 
@@ -107,6 +108,8 @@ _FIELD_DOCS = {
     "resume": "continue from out_dir/checkpoint.pt when it exists; its config must match",
     "overwrite": "let a fresh run (resume false) replace an existing checkpoint in out_dir",
     "log_every": "record a metrics line every N steps and at the last step (>= 1)",
+    "num_workers": "DataLoader worker processes that load and collate the batches (0: the main process does); "
+                   "tensor data is always gathered in the main process",
     "eval_every": "evaluate on the validation set every N steps (0: only at the end)",
     "progress": "show a tqdm progress bar; null: when stderr is a terminal",
     "plot": "write curves.png at the end (needs matplotlib)",
@@ -153,6 +156,7 @@ class TGTConfig:
     resume: bool = False
     overwrite: bool = False
     log_every: int = 10
+    num_workers: int = 0
     eval_every: int = 0
     progress: Optional[bool] = None
     plot: bool = True
@@ -172,7 +176,7 @@ class TGTConfig:
         for name in ("samples_per_example", "explore_steps", "batch_size", "grad_accum_steps", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "checkpoint_every", "eval_every", "seed"):
+        for name in ("warmup_steps", "checkpoint_every", "eval_every", "seed", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config.{name} must be >= 0, got {getattr(self, name)}")
         if self.log_every < 1:
@@ -421,6 +425,19 @@ def _default_batch_fn(batch: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]
 # ---------------------------------------------------------------------------------------------------------------
 
 
+class _StepSampler:
+    """The batch sampler of the DataLoader used with ``num_workers > 0``: this rank's micro-batches of the steps
+    ``start .. total - 1``, in the order the training loop consumes them."""
+
+    def __init__(self, trainer: "TGTTrainer", start: int, total: int, n: int, micro: int, spe: int) -> None:
+        self.trainer, self.start, self.total, self.n, self.micro, self.spe = trainer, start, total, n, micro, spe
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            for _, idx, _, _ in self.trainer._step_batches(step, self.n, self.micro, self.spe)[1]:
+                yield idx
+
+
 class TGTTrainer:
     """Train ``student`` by Teacher Guided Training (see the module docstring for the objective).
 
@@ -495,6 +512,7 @@ class TGTTrainer:
         self.history = TGTHistory()
         self.step = 0
         self.rank, self.world_size = 0, 1
+        self._perm: Optional[Tuple[int, torch.Tensor]] = None  # (epoch, its example order)
 
     # ----------------------------------------------------------------------------------------------- set-up
 
@@ -575,12 +593,18 @@ class TGTTrainer:
                     p.requires_grad_(False)
 
     def _to_device(self, device: torch.device) -> None:
-        for mod in (self.student, self.labeler, self.decoder, self.encoder):
+        for mod in (self.student, self.labeler, self.decoder, self.encoder, self.loss):
             if isinstance(mod, nn.Module):
                 mod.to(device)
 
-    def _load_batch(self, dataset, collate, indices: Sequence[int], device: torch.device):
-        batch = collate([dataset[int(i)] for i in indices])
+    def _load_batch(self, dataset, collate, indices: Sequence[int], device: torch.device, batch: Any = None):
+        if batch is not None:  # collated by a DataLoader worker
+            pass
+        elif isinstance(dataset, _TensorPairs):  # rows of tensors: one gather instead of a per-example collate
+            ii = torch.as_tensor(list(indices), dtype=torch.long)
+            batch = tuple(t[ii] for t in dataset.tensors)
+        else:
+            batch = collate([dataset[int(i)] for i in indices])
         out = self.batch_fn(batch)
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise TypeError(f"batch_fn must return (inputs, labels), got {type(out).__name__}")
@@ -615,6 +639,7 @@ class TGTTrainer:
                 if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
                     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                     raise ValueError(f"{name} must map a batch of {x.shape[0]} inputs to logits [N, K], got {shape}")
+            self._widths = ((t.shape[1],), (0, torch.float32))
             if s.shape[1] != t.shape[1]:
                 raise ValueError(
                     f"the student's output width ({s.shape[1]}) differs from the labeler's ({t.shape[1]}): both "
@@ -627,6 +652,7 @@ class TGTTrainer:
                 if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] != x.shape[0]:
                     shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
                     raise ValueError(f"encoder must map a batch of {x.shape[0]} inputs to latent codes [N, d], got {shape}")
+                self._widths = ((t.shape[1],), (z.shape[1], z.dtype))
                 try:
                     xd = self.decoder(z)
                 except Exception as exc:
@@ -649,6 +675,9 @@ class TGTTrainer:
     def _plan(self, n: int) -> Tuple[int, int, int]:
         """(micro-batches per epoch, optimiser steps per epoch, total steps)."""
         c = self.config
+        if c.batch_size < self.world_size:
+            raise ValueError(f"config.batch_size ({c.batch_size}) is the global micro-batch and must be at least the "
+                             f"number of processes ({self.world_size})")
         full, rest = divmod(n, c.batch_size)
         micro = full + (1 if rest and not c.drop_last and rest >= self.world_size else 0)
         if micro == 0:
@@ -665,8 +694,10 @@ class TGTTrainer:
         position of the first local example in the global micro-batch, global micro-batch size)."""
         c = self.config
         epoch, k = divmod(step, spe)
-        g = torch.Generator().manual_seed(_mix(c.seed, epoch, 0x5EED))
-        perm = torch.randperm(n, generator=g)
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(_mix(c.seed, epoch, 0x5EED))
+            self._perm = (epoch, torch.randperm(n, generator=g))
+        perm = self._perm[1]
         out = []
         for m in range(k * c.grad_accum_steps, min((k + 1) * c.grad_accum_steps, micro)):
             pos = perm[m * c.batch_size:min((m + 1) * c.batch_size, n)]
@@ -680,19 +711,37 @@ class TGTTrainer:
     # ----------------------------------------------------------------------------------------------- cache
 
     def _teacher_cache(self, dataset, collate, device: torch.device, progress: bool):
-        """Enc(x) and h(x) of every training example (index order), computed once."""
+        """Enc(x) and h(x) of every training example (index order), computed once. Under torchrun each rank
+        computes a contiguous shard and the shards are all-gathered."""
+        import torch.distributed as dist
+
         n = len(dataset)
+        per = math.ceil(n / self.world_size)
+        lo, hi = min(self.rank * per, n), min((self.rank + 1) * per, n)
         bs = max(self.config.batch_size, 256)
+        explore = self.config.exploration != "none"
         zs, ts = [], []
-        it = range(0, n, bs)
-        bar = _progress(it, progress, desc="teacher cache", total=math.ceil(n / bs))
+        bar = _progress(range(lo, hi, bs), progress, desc="teacher cache", total=math.ceil((hi - lo) / bs))
         with torch.no_grad():
             for i in bar:
-                x, _ = self._load_batch(dataset, collate, list(range(i, min(i + bs, n))), device)
+                x, _ = self._load_batch(dataset, collate, list(range(i, min(i + bs, hi))), device)
                 ts.append(self.labeler(x).float())
-                if self.config.exploration != "none":
+                if explore:
                     zs.append(self.encoder(x))
-        return (torch.cat(zs) if zs else None), torch.cat(ts)
+        (k,), (d, z_dtype) = self._widths
+        t = torch.cat(ts) if ts else torch.zeros(0, k, device=device)
+        z = (torch.cat(zs) if zs else torch.zeros(0, d, dtype=z_dtype, device=device)) if explore else None
+        if self.world_size > 1:
+            def gather(part: torch.Tensor) -> torch.Tensor:
+                padded = torch.zeros((per,) + tuple(part.shape[1:]), dtype=part.dtype, device=device)
+                padded[:part.shape[0]] = part
+                out = [torch.empty_like(padded) for _ in range(self.world_size)]
+                dist.all_gather(out, padded)
+                return torch.cat(out)[:n]
+
+            t = gather(t)
+            z = gather(z) if explore else None
+        return z, t
 
     # ----------------------------------------------------------------------------------------------- the step
 
@@ -775,10 +824,10 @@ class TGTTrainer:
         import torch.distributed as dist
 
         c = self.config
-        dataset, collate, cache_z, cache_t = data
+        dataset, collate, cache_z, cache_t, fetch = data
         loaded = []
         for micro, idx, start, _ in batches:
-            x, y = self._load_batch(dataset, collate, idx, device)
+            x, y = self._load_batch(dataset, collate, idx, device, None if fetch is None else fetch())
             loaded.append((micro, idx, start, x, y))
         # Normalisers: global counts over all accumulated micro-batches and ranks.
         n_all = sum(size for *_, size in batches)
@@ -824,7 +873,7 @@ class TGTTrainer:
                 # DDP averages the ranks' gradients; the global normalisers already account for every rank.
                 (total * self.world_size).backward()
             with torch.no_grad():
-                correct = (s.argmax(1) == y).sum() if y is not None else torch.zeros(())
+                correct = (s.argmax(1) == y).sum() if y is not None else torch.zeros((), device=device)
                 sums += torch.stack([ce.detach().double(), kd.detach().double(), tgt.detach().double(),
                                      correct.double(), torch.tensor(float(nx), dtype=torch.float64, device=device)])
         if c.grad_clip is not None:
@@ -859,8 +908,9 @@ class TGTTrainer:
         self.student.eval()
         correct = ce = kd = lab = 0.0
         try:
-            for i in range(0, n, max(self.config.batch_size, 256)):
-                x, y = self._load_batch(dataset, collate, list(range(i, min(i + 256, n))), device)
+            bs = max(self.config.batch_size, 256)
+            for i in range(0, n, bs):
+                x, y = self._load_batch(dataset, collate, list(range(i, min(i + bs, n))), device)
                 with self._autocast(device):
                     s = self.student(x)
                 s = s.float()
@@ -881,9 +931,30 @@ class TGTTrainer:
     def _ckpt_path(self) -> Optional[str]:
         return None if self.config.out_dir is None else os.path.join(self.config.out_dir, "checkpoint.pt")
 
+    def _rng_state(self) -> Dict[str, Any]:
+        state = {"cpu": torch.get_rng_state()}
+        device = next(self.student.parameters()).device
+        if device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(device)
+        return state
+
+    def _set_rng_state(self, state: Dict[str, Any]) -> None:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], next(self.student.parameters()).device)
+
     def _save_checkpoint(self) -> None:
+        """Write the checkpoint (rank 0); every rank must call it (the ranks' generator states are gathered)."""
         path = self._ckpt_path()
-        if path is None or self.rank != 0:
+        if path is None:
+            return
+        rngs = [self._rng_state()]
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            rngs = [None] * self.world_size
+            dist.all_gather_object(rngs, self._rng_state())
+        if self.rank != 0:
             return
         state = {
             "fingerprint": self.fingerprint(),
@@ -891,7 +962,7 @@ class TGTTrainer:
             "student": self.student.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
+            "rng": rngs,  # per rank: dropout draws continue where they stopped
             "history": self.history.to_dict(),
             "config": self.config.to_dict(),
         }
@@ -938,7 +1009,6 @@ class TGTTrainer:
         """
         import torch.distributed as dist
 
-        c = self.config
         dataset, collate = _as_dataset(train, "train")
         n = len(dataset)
         if n == 0:
@@ -959,6 +1029,7 @@ class TGTTrainer:
         import torch.distributed as dist
 
         c = self.config
+        self._perm = None
         self._to_device(device)
         self._freeze_teacher()
         self._probe(dataset, collate, device)
@@ -980,8 +1051,11 @@ class TGTTrainer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = int(state["step"])
             self.history = TGTHistory(**state["history"])
-            if self.rank == 0:
-                torch.set_rng_state(state["rng"])
+            if len(state["rng"]) == self.world_size:
+                self._set_rng_state(state["rng"][self.rank])
+            elif self.rank == 0:
+                warnings.warn(f"the checkpoint was written by {len(state['rng'])} processes, this run has "
+                              f"{self.world_size}: random draws of the student (dropout) restart from the seed")
         if self.rank == 0 and c.out_dir is not None:
             os.makedirs(c.out_dir, exist_ok=True)
             _truncate_metrics(os.path.join(c.out_dir, "metrics.jsonl"), self.step)
@@ -996,7 +1070,14 @@ class TGTTrainer:
         cache_z = cache_t = None
         if c.cache_teacher:
             cache_z, cache_t = self._teacher_cache(dataset, collate, device, progress)
-        data = (dataset, collate, cache_z, cache_t)
+        fetch = None
+        if c.num_workers > 0 and not isinstance(dataset, _TensorPairs):
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=_StepSampler(self, self.step, total, n, micro, spe), collate_fn=collate,
+                num_workers=c.num_workers)
+            batches_iter = iter(loader)
+            fetch = lambda: next(batches_iter)  # noqa: E731 - in the sampler's order, which is the loop's
+        data = (dataset, collate, cache_z, cache_t, fetch)
 
         metrics_path = os.path.join(c.out_dir, "metrics.jsonl") if (c.out_dir and self.rank == 0) else None
         bar = _progress(range(self.step, total), progress, desc="train", total=total, initial=self.step)
@@ -1032,8 +1113,8 @@ class TGTTrainer:
             dist.broadcast_object_list(obj, src=0)
             self.history.val = obj[0]
         self.history.steps = self.step
+        self._save_checkpoint()
         if c.out_dir is not None and self.rank == 0:
-            self._save_checkpoint()
             _atomic_write(os.path.join(c.out_dir, "history.json"),
                           lambda fh: fh.write(json.dumps(self.history.to_dict(), indent=1)))
             if c.plot:
