@@ -206,3 +206,17 @@ def test_format_table():
     body = {tuple(line.split()[:2]): line.split()[2:] for line in table[5:]}
     assert body[("onehot", "-")] == ["60.0", "±", "14.1", "90.0", "±", "0.0", "97.5"]
     assert body[("kd", "kl")] == ["80.0", "±", "0.0", "-", "97.5"]  # no run at n=50
+
+
+def test_train_student_rejects_unknown_method_and_loss():
+    x, y = torch.rand(10, 64), torch.arange(10)
+    teacher = demo.Teacher(demo.mlp([64, 8, 10]), demo.TeacherVAE(8, 4), {})
+    cfg = demo.DemoConfig(steps=1)
+    with pytest.raises(ValueError, match="method must be one of"):
+        demo.train_student("mixup", "kl", x, y, teacher, cfg, seed=0)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        demo.train_student("kd", "mse", x, y, teacher, cfg, seed=0)
+    with pytest.raises(ValueError, match="needs coeffs"):
+        demo.train_student("kd", "ptloss", x, y, teacher, cfg, seed=0)
+    student = demo.train_student("tgt-random", "kl", x, y, teacher, cfg, seed=0)
+    assert student(x).shape == (10, 10)

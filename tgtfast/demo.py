@@ -424,6 +424,12 @@ def train_student(method: str, loss: str, x: torch.Tensor, y: torch.Tensor, teac
     ``loss`` (``"kl"`` or ``"ptloss"`` with ``coeffs``), through :class:`tgtfast.TGTTrainer`."""
     import tgtfast
 
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if loss not in LOSSES and not (method == "onehot" and loss == "-"):
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if loss == "ptloss" and coeffs is None:
+        raise ValueError("loss='ptloss' needs coeffs (e.g. from tgtfast.search_coefficients)")
     torch.manual_seed(seed)
     student = mlp([NUM_PIXELS, cfg.student_hidden, NUM_CLASSES])
     if method == "onehot":
