@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -596,8 +596,17 @@ def run_demo(cfg: DemoConfig, out_dir: str = "tgtfast-demo", *, cache_dir: Optio
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
     os.makedirs(out_dir, exist_ok=True)
-    t_start = time.perf_counter()
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _run_demo(cfg, out_dir, cache_dir, use_cache, jobs, threads, progress, log)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], use_cache: bool, jobs: int, threads: int,
+              progress: bool, log) -> Dict[str, Any]:
+    t_start = time.perf_counter()
     splits = load_digits_splits(cfg.split_seed, cfg.val_fraction, cfg.test_fraction)
     teacher = load_or_train_teacher(cfg, splits, cache_dir, use_cache=use_cache, log=log)
     t_teacher = time.perf_counter() - t_start
