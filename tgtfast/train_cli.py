@@ -46,13 +46,13 @@ CONFIG_KEYS = {
             "map-style Dataset, a DataLoader over one, or a tuple of tensors (x, y)",
     "batch_fn": "optional function 'module:function' used as is: collated batch -> (inputs, labels)",
     "loss": "the distillation loss l_d (optional, default {name: kl}); keys below",
-    "train": "the TGTConfig fields (keys below)",
+    "train": "the TGTConfig fields (keys below); a relative out_dir is taken from the working directory",
 }
 LOSS_KEYS = {
     "name": "kl (KDLoss), ptloss (PTLoss), label_smoothed (LabelSmoothedKDLoss) or focal (FocalKDLoss)",
     "temperature": "softmax temperature of student and teacher (> 0), default 1.0",
-    "coeffs": "ptloss only: a list [M] or [M][K], the path of a `tgtfast coeffs` JSON file, or 'search' (the "
-              "Proxy Teacher on the validation set's teacher predictions and labels)",
+    "coeffs": "ptloss only: a list [M] or [M][K], the path of a `tgtfast coeffs` JSON file (relative to the "
+              "config file), or 'search' (the Proxy Teacher on the validation set's teacher predictions and labels)",
     "order": "ptloss with coeffs: search: polynomial order M (default 5)",
     "num_candidates": "ptloss with coeffs: search: random coefficient sets tried (default 100)",
     "label_smoothing": "label_smoothed (default 0.1) and ptloss (default 0): smoothing of the teacher",

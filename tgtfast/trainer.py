@@ -340,9 +340,9 @@ class TGTHistory:
     """What :meth:`TGTTrainer.fit` returns: one record per logged step (``train``) and per evaluation (``val``).
 
     Train records hold ``step``, ``epoch``, ``lr``, ``loss`` and its terms ``ce``, ``kd``, ``tgt`` (each the
-    unweighted normalised term), ``acc`` (on the labelled examples of the step), ``examples_per_s`` and
-    ``samples_per_s`` (examples plus generated samples). Val records hold ``step``, ``val_acc``, ``val_ce``
-    and ``val_kd``."""
+    unweighted normalised term; ``kd`` and ``tgt`` are 0, not computed, when their weight is 0), ``acc`` (on the
+    labelled examples of the step), ``examples_per_s`` and ``samples_per_s`` (examples plus generated samples).
+    Val records hold ``step``, ``val_acc``, ``val_ce`` and ``val_kd``."""
 
     train: List[Dict[str, float]] = field(default_factory=list)
     val: List[Dict[str, float]] = field(default_factory=list)
