@@ -105,6 +105,7 @@ def test_second_run_reuses_cached_teacher_in_parallel_workers(quick_run, cache_d
     (["--methods", "bogus"], "argument --methods: invalid choice"),
     (["--steps", "x"], "argument --steps: expected a positive integer"),
     (["--jobs", "0"], "argument --jobs: expected a positive integer"),
+    (["--budgets", "1500", "--methods", "onehot"], "budgets: 1500 labelled examples cannot be drawn"),
 ])
 def test_bad_arguments_exit_with_a_message(args, needle, tmp_path, capsys):
     out = tmp_path / "out"

@@ -595,7 +595,6 @@ def run_demo(cfg: DemoConfig, out_dir: str = "tgtfast-demo", *, cache_dir: Optio
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
-    os.makedirs(out_dir, exist_ok=True)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -608,6 +607,13 @@ def _run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], use_cache
               progress: bool, log) -> Dict[str, Any]:
     t_start = time.perf_counter()
     splits = load_digits_splits(cfg.split_seed, cfg.val_fraction, cfg.test_fraction)
+    for b in cfg.budgets:  # a budget the teacher-train split cannot fill fails here, before any training
+        try:
+            few_label_subset(splits.y_train, b, 0)
+        except ValueError as exc:
+            raise ValueError(f"budgets: {b} labelled examples cannot be drawn from the {len(splits.y_train)} "
+                             f"teacher-train images ({exc})") from None
+    os.makedirs(out_dir, exist_ok=True)
     teacher = load_or_train_teacher(cfg, splits, cache_dir, use_cache=use_cache, log=log)
     t_teacher = time.perf_counter() - t_start
     log(f"teacher: labeler test accuracy {100 * teacher.metrics['labeler_test_accuracy']:.1f} %, "
@@ -729,7 +735,7 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--steps", type=_positive_int, help="optimiser steps per student")
     ap.add_argument("--out", default="tgtfast-demo", help="directory for results.json and results.png")
     ap.add_argument("--cache-dir", default=None,
-                    help=f"teacher checkpoint cache (default {default_cache_dir()}, or $XDG_CACHE_HOME/tgtfast/demo)")
+                    help="teacher checkpoint cache (default ~/.cache/tgtfast/demo, or $XDG_CACHE_HOME/tgtfast/demo)")
     ap.add_argument("--no-cache", action="store_true", help="train the teacher afresh and do not save it")
     ap.add_argument("--jobs", type=_positive_int, default=None,
                     help="student runs in parallel processes (default: min(2, CPU count))")
