@@ -1,4 +1,5 @@
-"""The ``tgtfast`` command line: ``tgtfast bench ...``, ``tgtfast coeffs ...``, ``tgtfast backends``."""
+"""The ``tgtfast`` command line: ``tgtfast demo ...``, ``tgtfast bench ...``, ``tgtfast coeffs ...``,
+``tgtfast backends``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import List, Optional
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
+        "demo": "Teacher Guided Training with few labels on the digits data (the package's main job)",
         "bench": "benchmark the fused ops",
         "coeffs": "search PTLoss coefficients with the Proxy Teacher",
         "backends": "list the backends and why some are off",
@@ -21,6 +23,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"  {name:<10}{what}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     cmd, rest = argv[0], argv[1:]
+    if cmd == "demo":
+        from tgtfast.demo import demo_main
+
+        return demo_main(rest)
     if cmd == "bench":
         from tgtfast.bench import main as bench_main
 

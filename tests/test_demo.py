@@ -1,0 +1,223 @@
+"""``tgtfast demo``: the command end to end on a small configuration, the data splits, the teacher cache, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tgtfast import demo
+
+ROWS = [("onehot", "-"), ("kd", "kl"), ("kd", "ptloss"), ("tgt-random", "kl"), ("tgt-random", "ptloss"),
+        ("tgt-gradient", "kl"), ("tgt-gradient", "ptloss")]
+
+
+def _cli(*args, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "tgtfast.cli", "demo", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("demo-cache"))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, cache_dir):
+    """``tgtfast demo --quick`` with one seed and fewer steps, teacher trained into a fresh cache."""
+    out = tmp_path_factory.mktemp("demo-out")
+    proc = _cli("--quick", "--seeds", "0", "--steps", "100", "--jobs", "1", "--out", str(out), "--cache-dir",
+                cache_dir, "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "results.json") as fh:
+        result = json.load(fh)
+    return proc, out, result
+
+
+def test_quick_cli_prints_table_and_writes_json_and_png(quick_run):
+    proc, out, result = quick_run
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("method"))
+    assert "n=20" in lines[header] and "teacher" in lines[header]
+    body = lines[header + 2: header + 2 + len(ROWS)]
+    assert [tuple(line.split()[:2]) for line in body] == ROWS
+    teacher = result["teacher"]["labeler_test_accuracy"]
+    for line, (method, loss) in zip(body, ROWS):
+        cells = line.split()
+        # mean ± std, then the teacher
+        s = next(x for x in result["summary"] if (x["method"], x["loss"], x["budget"]) == (method, loss, 20))
+        assert float(cells[2]) == pytest.approx(100 * s["test_mean"], abs=0.051)
+        assert cells[3] == "±" and float(cells[4]) == 0.0  # one seed
+        assert float(cells[5]) == pytest.approx(100 * teacher, abs=0.051)
+    assert result["table"] in proc.stdout
+    with open(out / "results.png", "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert result["config"]["budgets"] == [20] and result["config"]["seeds"] == [0]
+    assert result["splits"] == {"teacher_train": 1077, "val": 270, "test": 450}
+    assert len(result["runs"]) == len(ROWS)
+    for r in result["runs"]:
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and 0.0 <= r["val_accuracy"] <= 1.0
+    assert result["teacher"]["from_cache"] is False
+    coeffs = torch.tensor(result["proxy_teacher"]["coeffs"])
+    assert coeffs.shape == (5, 10) and result["proxy_teacher"]["deviation"] <= result["proxy_teacher"]["kl_deviation"]
+
+
+def test_quick_run_learns(quick_run):
+    """The teacher is good, and TGT lifts a 20-label student far above one-hot training (about 20 points here;
+    the bound leaves a wide margin)."""
+    _, _, result = quick_run
+    assert result["teacher"]["labeler_test_accuracy"] > 0.93
+    acc = {(r["method"], r["loss"]): r["test_accuracy"] for r in result["runs"]}
+    assert acc[("onehot", "-")] > 0.4  # better than chance (0.1) even from 20 labels
+    for loss in ("kl", "ptloss"):
+        assert acc[("tgt-random", loss)] > acc[("onehot", "-")] + 0.08
+        assert acc[("tgt-gradient", loss)] > acc[("onehot", "-")] + 0.08
+
+
+def test_second_run_reuses_cached_teacher_in_parallel_workers(quick_run, cache_dir, tmp_path):
+    _, _, first = quick_run
+    proc = _cli("--budgets", "10", "--seeds", "0", "1", "--methods", "onehot", "kd", "--losses", "kl",
+                "--steps", "20", "--jobs", "2", "--out", str(tmp_path), "--cache-dir", cache_dir, "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "loaded from cache" in proc.stdout
+    with open(tmp_path / "results.json") as fh:
+        result = json.load(fh)
+    assert result["teacher"]["from_cache"] is True
+    assert result["teacher"]["labeler_test_accuracy"] == first["teacher"]["labeler_test_accuracy"]
+    assert result["jobs"] == 2
+    assert sorted((r["method"], r["seed"]) for r in result["runs"]) == [("kd", 0), ("kd", 1), ("onehot", 0),
+                                                                         ("onehot", 1)]
+    assert result["proxy_teacher"] == {}  # no PTLoss row asked for, no coefficient search
+    # the JSON summary agrees with the runs
+    for s in result["summary"]:
+        accs = [r["test_accuracy"] for r in result["runs"] if r["method"] == s["method"]]
+        assert s["test_mean"] == pytest.approx(sum(accs) / 2)
+        assert s["test_std"] == pytest.approx(float(torch.tensor(accs).std()))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--budgets", "5"], "budgets must be >= 10"),
+    (["--budgets", "0"], "argument --budgets: expected a positive integer"),
+    (["--seeds", "-1"], "argument --seeds: expected an integer >= 0"),
+    (["--methods", "bogus"], "argument --methods: invalid choice"),
+    (["--steps", "x"], "argument --steps: expected a positive integer"),
+    (["--jobs", "0"], "argument --jobs: expected a positive integer"),
+    (["--budgets", "1500", "--methods", "onehot"], "budgets: 1500 labelled examples cannot be drawn"),
+])
+def test_bad_arguments_exit_with_a_message(args, needle, tmp_path, capsys):
+    out = tmp_path / "out"
+    try:
+        code = demo.demo_main([*args, "--out", str(out), "--cache-dir", str(tmp_path)])
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    assert code == 2
+    assert needle in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_splits_are_fixed_disjoint_and_stratified():
+    a = demo.load_digits_splits(0)
+    b = demo.load_digits_splits(0)
+    assert torch.equal(a.x_test, b.x_test) and torch.equal(a.y_train, b.y_train)
+    assert a.x_train.min() >= 0 and a.x_train.max() <= 1 and a.x_train.dtype == torch.float32
+    rows = {tuple(r) for r in a.x_train.tolist()}
+    # the digits data holds a few duplicate images; the splits are disjoint by index, so allow those few
+    assert sum(tuple(r) in rows for r in a.x_test.tolist()) < 5
+    for y, n in ((a.y_train, 1077), (a.y_val, 270), (a.y_test, 450)):
+        assert len(y) == n
+        counts = torch.bincount(y, minlength=10).float()
+        assert counts.min() >= 0.9 * n / 10 and counts.max() <= 1.1 * n / 10
+
+
+@pytest.mark.parametrize("n", [10, 20, 25, 100])
+def test_few_label_subset_is_stratified_and_seeded(n):
+    y = demo.load_digits_splits(0).y_train
+    idx = demo.few_label_subset(y, n, seed=3)
+    assert len(idx) == n == len(set(idx.tolist()))
+    counts = torch.bincount(y[idx], minlength=10)
+    assert counts.min() == n // 10 and counts.max() <= n // 10 + 1
+    assert torch.equal(idx, demo.few_label_subset(y, n, seed=3))
+    assert not torch.equal(idx, demo.few_label_subset(y, n, seed=4))
+    with pytest.raises(ValueError, match="n must be at least"):
+        demo.few_label_subset(y, 9, seed=0)
+
+
+def test_teacher_cache_roundtrip_and_key(tmp_path):
+    cfg = demo.DemoConfig(labeler_epochs=1, vae_epochs=1)
+    splits = demo.load_digits_splits(0)
+    logs = []
+    t1 = demo.load_or_train_teacher(cfg, splits, str(tmp_path), log=logs.append)
+    assert not t1.from_cache and os.path.exists(t1.cache_path)
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []  # written atomically, no leftovers
+    t2 = demo.load_or_train_teacher(cfg, splits, str(tmp_path), log=logs.append)
+    assert t2.from_cache and t2.metrics == t1.metrics
+    for p1, p2 in zip(t1.labeler.parameters(), t2.labeler.parameters()):
+        assert torch.equal(p1, p2)
+    # another teacher setting is another file
+    other = demo.DemoConfig(labeler_epochs=2, vae_epochs=1)
+    assert other.teacher_hash() != cfg.teacher_hash()
+    assert demo.DemoConfig(steps=1, seeds=(5,)).teacher_hash() == demo.DemoConfig().teacher_hash()
+    # a damaged cache file is replaced, not trusted
+    with open(t1.cache_path, "wb") as fh:
+        fh.write(b"not a checkpoint")
+    t3 = demo.load_or_train_teacher(cfg, splits, str(tmp_path), log=logs.append)
+    assert not t3.from_cache and any("unreadable" in m for m in logs)
+    assert demo.load_or_train_teacher(cfg, splits, str(tmp_path), log=logs.append).from_cache
+
+
+def test_teacher_parts_are_plain_mlps():
+    vae = demo.TeacherVAE(hidden=16, latent=4)
+    for part in (vae.encoder, vae.decoder, demo.mlp([64, 8, 10])):
+        assert isinstance(part, torch.nn.Sequential)
+        assert all(isinstance(m, (torch.nn.Linear, torch.nn.ReLU, torch.nn.Sigmoid)) for m in part)
+    x = torch.rand(3, 64)
+    mu, logvar = vae.encode(x)
+    assert torch.equal(mu, vae.encoder(x)) and logvar.shape == (3, 4)
+    out = vae.decoder(mu)
+    assert out.shape == (3, 64) and out.min() >= 0 and out.max() <= 1
+    assert torch.isfinite(vae.loss(x))
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("budgets", (), "budgets must not be empty"),
+    ("budgets", (5,), "budgets must be >= 10"),
+    ("seeds", (1.5,), "seeds must be integers"),
+    ("methods", ("kd", "magic"), "methods must be"),
+    ("losses", ("mse",), "losses must be"),
+    ("steps", 0, "steps must be a positive integer"),
+    ("sigma", float("nan"), "sigma must be a positive finite number"),
+])
+def test_config_validation(field, value, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        demo.DemoConfig(**{field: value}).validate()
+
+
+def test_format_table():
+    cfg = demo.DemoConfig(budgets=(20, 50), seeds=(0, 1), methods=("onehot", "kd"), losses=("kl",))
+    runs = [{"method": m, "loss": lo, "budget": b, "seed": s, "test_accuracy": a, "val_accuracy": a}
+            for (m, lo, b, s, a) in [("onehot", "-", 20, 0, 0.5), ("onehot", "-", 20, 1, 0.7),
+                                     ("kd", "kl", 20, 0, 0.8), ("kd", "kl", 20, 1, 0.8),
+                                     ("onehot", "-", 50, 0, 0.9), ("onehot", "-", 50, 1, 0.9)]]
+    summary = demo.summarise(runs, cfg)
+    table = demo.format_table(summary, cfg, {"labeler_test_accuracy": 0.975}, 450, 1077).splitlines()
+    assert "mean ± std over 2 seeds" in table[0] and "97.5" in table[1]
+    body = {tuple(line.split()[:2]): line.split()[2:] for line in table[5:]}
+    assert body[("onehot", "-")] == ["60.0", "±", "14.1", "90.0", "±", "0.0", "97.5"]
+    assert body[("kd", "kl")] == ["80.0", "±", "0.0", "-", "97.5"]  # no run at n=50
+
+
+def test_train_student_rejects_unknown_method_and_loss():
+    x, y = torch.rand(10, 64), torch.arange(10)
+    teacher = demo.Teacher(demo.mlp([64, 8, 10]), demo.TeacherVAE(8, 4), {})
+    cfg = demo.DemoConfig(steps=1)
+    with pytest.raises(ValueError, match="method must be one of"):
+        demo.train_student("mixup", "kl", x, y, teacher, cfg, seed=0)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        demo.train_student("kd", "mse", x, y, teacher, cfg, seed=0)
+    with pytest.raises(ValueError, match="needs coeffs"):
+        demo.train_student("kd", "ptloss", x, y, teacher, cfg, seed=0)
+    student = demo.train_student("tgt-random", "kl", x, y, teacher, cfg, seed=0)
+    assert student(x).shape == (10, 10)
