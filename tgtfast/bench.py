@@ -78,9 +78,10 @@ def _timeit(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: i
     return times
 
 
-def copy_bandwidth(nbytes: int, device: torch.device, repeats: int = 7) -> float:
-    """Bytes per second moved by ``dst.copy_(src)`` (counting the read and the write)."""
-    src = torch.ones(max(nbytes, 1 << 20) // 4, dtype=torch.float32, device=device)
+def copy_bandwidth(nbytes: int, device: torch.device, repeats: int = 9) -> float:
+    """Bytes per second moved by ``dst.copy_(src)`` (counting the read and the write), on buffers of `nbytes`
+    but at least 64 MiB, so that the roofline is the memory's and not a cache's (or the timer's)."""
+    src = torch.ones(max(nbytes, 64 << 20) // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     times = _timeit(lambda: dst.copy_(src), device, repeats)
     return 2 * src.numel() * 4 / statistics.median(times)
