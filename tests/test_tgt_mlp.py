@@ -98,7 +98,7 @@ def test_single_layers_no_bias(backend):
     check_against_truth(backend, torch.randn(3, 5), dec, lab)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if HAS_TRITON else []))
 @pytest.mark.parametrize("offset", [0, 1, 6, 2**40 + 3])
 def test_noise_is_latent_noise(backend, offset):
     """With an identity decoder x_new is exactly z + sigma * latent_noise(offset)."""
@@ -109,6 +109,24 @@ def test_noise_is_latent_noise(backend, offset):
     x, _ = perturb_decode_label_mlp(z, dec, lab, sigma=0.5, seed=2**63 + 17, offset=offset, backend=backend)
     expect = z + 0.5 * reference.latent_noise(z.shape, 2**63 + 17, offset)
     torch.testing.assert_close(x, expect, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("used", ["x_new", "soft"])
+def test_gradient_through_one_output(backend, used):
+    dec = make_layers([5, 12, 7], ["silu", "sigmoid"])
+    lab = make_layers([7, 4], ["identity"])
+    z = torch.randn(9, 5)
+    kw = dict(sigma=0.4, seed=3, temperature=0.7)
+    grads = []
+    for fn in (lambda t: perturb_decode_label_mlp(t, dec, lab, backend=backend, **kw),
+               lambda t: reference.perturb_decode_label_mlp(t, dec, lab, **kw)):
+        t = z.clone().requires_grad_(True)
+        x, s = fn(t)
+        out = x if used == "x_new" else s
+        (out * torch.arange(out.shape[1], dtype=out.dtype)).sum().backward()
+        grads.append(t.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
 def test_offset_continues_the_stream():
