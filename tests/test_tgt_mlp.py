@@ -302,3 +302,29 @@ def test_cuda_issue_shapes():
     lab = make_layers([784, 256, 1000], ["relu", "identity"], device="cuda")
     z = torch.randn(300, 64, device="cuda")
     check_against_truth("cuda", z, dec, lab, sigma=0.1)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_in_a_row_stays_in_that_row(backend):
+    dec = make_layers([4, 8, 6], ["relu", "sigmoid"])
+    lab = make_layers([6, 5, 3], ["tanh", "identity"])
+    z = torch.randn(6, 4)
+    z[2, 1] = float("nan")
+    x, s = perturb_decode_label_mlp(z, dec, lab, sigma=0.1, seed=1, backend=backend)
+    assert bool(torch.isnan(s[2]).all()) and bool(torch.isnan(x[2]).any())
+    keep = torch.tensor([0, 1, 3, 4, 5])
+    assert bool(torch.isfinite(x[keep]).all()) and bool(torch.isfinite(s[keep]).all())
+
+
+def test_register_op_narrows_backends_and_dtypes():
+    from tgtfast import dispatch
+
+    dispatch.register_op("_test_op", missing={"cpp": "not written"}, dtypes={"reference": (torch.float64,)})
+    try:
+        assert tgtfast.backends("_test_op")["cpp"] == "unavailable: not written"
+        assert dispatch.select(None, torch.device("cpu"), torch.float64, op="_test_op") is dispatch.Backend.REFERENCE
+        with pytest.raises(ValueError, match="does not take torch.float32"):
+            dispatch.select("reference", torch.device("cpu"), torch.float32, op="_test_op")
+        assert tgtfast.backends()["cpp"] == tgtfast.backends("ptloss")["cpp"]
+    finally:
+        dispatch._OPS.pop("_test_op")
