@@ -26,6 +26,12 @@ struct MlpIsa {
   void (*bias_act)(float* y, int64_t rows, int64_t cols, int64_t ld, const float* bias, Act act);
   // In place, per row: y <- softmax(y * inv_temperature).
   void (*softmax)(float* y, int64_t rows, int64_t cols, int64_t ld, float inv_temperature);
+  // g[r, c] *= act'(pre[r, c]) where post = act(pre); all [rows, cols] with row stride cols.
+  void (*act_grad)(float* g, const float* pre, const float* post, int64_t rows, int64_t cols, Act act);
+  // Backward of soft = softmax(logits * inv_temperature): out = soft * (g - sum(g * soft)) * inv_temperature;
+  // all [rows, cols] with row stride cols; `out` may not alias the others.
+  void (*softmax_grad)(float* out, const float* logits, const float* g, int64_t rows, int64_t cols,
+                       float inv_temperature);
 };
 
 MlpIsa mlp_isa_avx2();

@@ -328,3 +328,18 @@ def test_register_op_narrows_backends_and_dtypes():
         assert tgtfast.backends()["cpp"] == tgtfast.backends("ptloss")["cpp"]
     finally:
         dispatch._OPS.pop("_test_op")
+
+
+def test_chunked_backward_matches_the_compiled_one():
+    """The torch-op backward (GPU backends) and the C++ one give the same gradient."""
+    if "cpp" not in _mlp._BWD:
+        pytest.skip("no compiled backward")
+    dec = _mlp._layers_f32(make_layers([6, 20, 11], ["gelu", "sigmoid"]))
+    lab = _mlp._layers_f32(make_layers([11, 13, 7], ["silu", "identity"]))
+    pert = torch.randn(77, 6)
+    g_x, g_s = torch.randn(77, 11), torch.randn(77, 7)
+    layers = dec + lab
+    args = ([w for w, _, _ in layers], [b for _, b, _ in layers], [_mlp.ACTIVATIONS[a] for _, _, a in layers])
+    for gx, gs in ((g_x, g_s), (g_x, None), (None, g_s)):
+        ours = _mlp._BWD["cpp"](pert, *args, len(dec), 1.7, gx, gs)
+        torch.testing.assert_close(ours, _mlp._chunked_backward(pert, dec, lab, 1.7, gx, gs), rtol=1e-5, atol=1e-5)

@@ -14,7 +14,9 @@ the CPU, in registers/shared memory on the GPU) and writes only ``x_new`` and ``
   differentiable with respect to ``z``.
 
 Gradients. The backward pass recomputes the chain from the perturbed latent (``[B, d]``, the only thing the
-forward saves) block by block, so its extra memory is one block of hidden activations, never ``[B, hidden]``.
+forward saves) block by block, so its extra memory is one block of hidden activations, never ``[B, hidden]``:
+on the CPU in C++ (``tgtfast::mlp_chain_bwd``, blocks of 64 rows in parallel), on the GPU with torch ops on
+chunks of about 2**20 hidden values.
 The teacher is frozen: the weights and biases are constants of the op and never receive a gradient. If one of
 them requires grad while grad mode is on, a ``UserWarning`` says so once and the weights are still treated as
 constants (``.grad`` stays ``None``); to train a teacher through this chain, call the modules eagerly instead.
@@ -166,6 +168,7 @@ def as_mlp(module_or_layers: Union[nn.Module, Sequence, None], *, name: str) -> 
 # --- the op -------------------------------------------------------------------------------------------------
 
 _FWD: dict = {}  # backend name -> forward with the mlp_chain_fwd schema
+_BWD: dict = {}  # backend name -> backward with the mlp_chain_bwd schema (others: _chunked_backward)
 _missing: dict = {}
 if _ext.ext is not None and hasattr(torch.ops.tgtfast, "mlp_chain_fwd"):
 
@@ -178,6 +181,14 @@ if _ext.ext is not None and hasattr(torch.ops.tgtfast, "mlp_chain_fwd"):
         return x_new, soft, pert
 
     _FWD["cpp"] = _FWD["cuda"] = torch.ops.tgtfast.mlp_chain_fwd.default
+    if hasattr(torch.ops.tgtfast, "mlp_chain_bwd"):
+
+        @torch.library.register_fake("tgtfast::mlp_chain_bwd")
+        def _mlp_chain_bwd_fake(perturbed, weights, biases, activations, num_decoder_layers, temperature, grad_x,
+                                grad_soft):
+            return torch.empty_like(perturbed)
+
+        _BWD["cpp"] = torch.ops.tgtfast.mlp_chain_bwd.default
     if _ext.built_with_cuda() and not torch._C._dispatch_has_kernel_for_dispatch_key("tgtfast::mlp_chain_fwd", "CUDA"):
         _missing[Backend.CUDA] = "the extension has no CUDA kernel for this op"
 else:
@@ -206,18 +217,37 @@ def _chain(zp: Tensor, dec: Sequence[Layer], lab: Sequence[Layer], temperature: 
     return x, torch.softmax(reference.mlp_forward(x, lab) / temperature, dim=-1)
 
 
+def _chunked_backward(pert, dec, lab, temperature, g_x, g_soft):
+    """Gradient to the perturbed latent with torch ops, recomputing the chain chunk by chunk."""
+    widest = max(w.shape[0] for w, _, _ in list(dec) + list(lab))
+    chunk = max(1, _BACKWARD_CHUNK_FLOATS // widest)
+    grad = torch.empty_like(pert)
+    for start in range(0, pert.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        zc = pert[rows].detach().requires_grad_(True)
+        with torch.enable_grad():
+            x, soft = _chain(zc, dec, lab, temperature)
+        outs, grads = [], []
+        for out, g in ((x, g_x), (soft, g_soft)):
+            if g is not None:
+                outs.append(out)
+                grads.append(g[rows])
+        (grad[rows],) = torch.autograd.grad(outs, zc, grads)
+    return grad
+
+
 class _MlpChain(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, fwd, dec, lab, sigma, seed, offset, temperature):
+    def forward(ctx, z, backend, dec, lab, sigma, seed, offset, temperature):
         layers = list(dec) + list(lab)
         weights = [w for w, _, _ in layers]
         biases = [b for _, b, _ in layers]
         acts = [ACTIVATIONS[a] for _, _, a in layers]
         signed_seed = seed - (1 << 64) if seed >= (1 << 63) else seed
         need = bool(ctx.needs_input_grad[0])
-        x_new, soft, pert = fwd(z, weights, biases, acts, len(dec), float(sigma), signed_seed, int(offset),
-                                float(temperature), need)
-        ctx.dec, ctx.lab, ctx.temperature, ctx.z_dtype = dec, lab, temperature, z.dtype
+        x_new, soft, pert = _FWD[backend](z, weights, biases, acts, len(dec), float(sigma), signed_seed, int(offset),
+                                          float(temperature), need)
+        ctx.dec, ctx.lab, ctx.temperature, ctx.z_dtype, ctx.backend = dec, lab, temperature, z.dtype, backend
         if need:
             ctx.save_for_backward(pert)
         ctx.set_materialize_grads(False)
@@ -228,20 +258,14 @@ class _MlpChain(torch.autograd.Function):
         if g_x is None and g_soft is None:
             return (None,) * 8
         (pert,) = ctx.saved_tensors
-        widest = max(w.shape[0] for w, _, _ in list(ctx.dec) + list(ctx.lab))
-        chunk = max(1, _BACKWARD_CHUNK_FLOATS // widest)
-        grad = torch.empty_like(pert)
-        for start in range(0, pert.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            zc = pert[rows].detach().requires_grad_(True)
-            with torch.enable_grad():
-                x, soft = _chain(zc, ctx.dec, ctx.lab, ctx.temperature)
-            outs, grads = [], []
-            for out, g in ((x, g_x), (soft, g_soft)):
-                if g is not None:
-                    outs.append(out)
-                    grads.append(g[rows].to(torch.float32))
-            (grad[rows],) = torch.autograd.grad(outs, zc, grads)
+        g_x, g_soft = (None if g is None else g.to(torch.float32).contiguous() for g in (g_x, g_soft))
+        bwd = _BWD.get(ctx.backend)
+        if bwd is not None:
+            layers = list(ctx.dec) + list(ctx.lab)
+            grad = bwd(pert, [w for w, _, _ in layers], [b for _, b, _ in layers],
+                       [ACTIVATIONS[a] for _, _, a in layers], len(ctx.dec), float(ctx.temperature), g_x, g_soft)
+        else:
+            grad = _chunked_backward(pert, ctx.dec, ctx.lab, ctx.temperature, g_x, g_soft)
         return grad.to(ctx.z_dtype), None, None, None, None, None, None, None
 
 
@@ -329,4 +353,4 @@ def perturb_decode_label_mlp(
     if chosen is Backend.REFERENCE:
         return reference.perturb_decode_label_mlp(z, dec, lab, sigma=sigma, seed=seed, offset=offset,
                                                   temperature=temperature)
-    return _MlpChain.apply(z.contiguous(), _FWD[chosen.value], dec, lab, sigma, seed, offset, temperature)
+    return _MlpChain.apply(z.contiguous(), chosen.value, dec, lab, sigma, seed, offset, temperature)
