@@ -22,7 +22,7 @@ are read as float32. Activation codes are those of ``tgtfast/_mlp.py`` (``ACTIVA
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton

@@ -4,9 +4,15 @@ When the decoder and the labeler of a TGT teacher are plain MLPs, the whole chai
 
     x_new = decoder(z + sigma * noise(seed, offset))          soft = softmax(labeler(x_new) / temperature)
 
-runs as one fused kernel chain that draws the noise in place (the counter-based generator of
-:func:`tgtfast.reference.latent_noise`), keeps the hidden activations of a block of rows on chip (in cache on
-the CPU, in registers/shared memory on the GPU) and writes only ``x_new`` and ``soft``.
+runs as a fused kernel chain that draws the noise in place (the counter-based generator of
+:func:`tgtfast.reference.latent_noise`); no noise tensor and no logits tensor is materialised.
+
+* CPU (C++): blocks of 64 rows in parallel; the block's hidden activations stay in two per-thread buffers that
+  live in cache, and only ``x_new`` and ``soft`` are written to memory.
+* GPU (CUDA and Triton): one launch per layer, each a tiled GEMM with bias and activation fused in its epilogue,
+  the noise fused into the first layer's input loads and the softmax into the last layer (or a row kernel);
+  the float32 hidden activations of a chunk of at most 16384 rows pass through global memory (L2) between
+  launches.
 
 * :func:`as_mlp` turns a module or an explicit list of layers into ``[(weight, bias, activation), ...]``, or
   says (``None``) that the module cannot be fused.
@@ -26,7 +32,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
