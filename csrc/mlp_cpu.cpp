@@ -6,11 +6,14 @@
 // to x_new, and the labeler's logits turned into the tempered softmax in place. The block's hidden
 // activations live in two per-thread buffers of kBlockRows x (widest layer) floats that are reused for every
 // block: nothing of size [B, hidden] is allocated. Inside at::parallel_for the GEMMs run single-threaded.
+// Threads take blocks from a shared counter rather than a fixed half each, so that a thread slowed down by
+// another process on its core does not hold the others up.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
@@ -92,9 +95,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cpu(
   const int64_t blocks = (B + kBlockRows - 1) / kBlockRows;
   const auto fopts = z.options().dtype(at::kFloat);
 
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next_block{0};
+  at::parallel_for(0, std::min<int64_t>(blocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     std::vector<float> buf_a(static_cast<size_t>(kBlockRows * widest)), buf_b(buf_a.size());
-    for (int64_t blk = begin; blk < end; ++blk) {
+    for (int64_t blk = next_block++; blk < blocks; blk = next_block++) {
       const int64_t row0 = blk * kBlockRows, rows = std::min(kBlockRows, B - row0);
       float* in = buf_a.data();
       float* spare = buf_b.data();
@@ -186,10 +190,11 @@ at::Tensor mlp_chain_bwd_cpu(const at::Tensor& perturbed, at::TensorList weights
   std::vector<at::Tensor> wt(L);
   for (int64_t l = 0; l < L; ++l) wt[l] = weights[l].t();
 
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next_block{0};
+  at::parallel_for(0, std::min<int64_t>(blocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     std::vector<float> pre(static_cast<size_t>(kBlockRows * off[layers])), post(pre.size());
     std::vector<float> g_a(static_cast<size_t>(kBlockRows * widest)), g_b(g_a.size());
-    for (int64_t blk = begin; blk < end; ++blk) {
+    for (int64_t blk = next_block++; blk < blocks; blk = next_block++) {
       const int64_t row0 = blk * kBlockRows, rows = std::min(kBlockRows, B - row0);
       const float* in = perturbed.data_ptr<float>() + row0 * d;
       int64_t in_w = d;

@@ -8,7 +8,6 @@ TRITON_INTERPRET=1 on tiny shapes, and the CUDA kernel when a GPU is visible.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
