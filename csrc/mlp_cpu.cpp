@@ -102,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cpu(
       const int64_t row0 = blk * kBlockRows, rows = std::min(kBlockRows, B - row0);
       float* in = buf_a.data();
       float* spare = buf_b.data();
-      cpu::perturb_block(in, bf16 ? nullptr : z.data_ptr<float>() + row0 * d,
+      cpu::perturb_block(isa, in, bf16 ? nullptr : z.data_ptr<float>() + row0 * d,
                          bf16 ? reinterpret_cast<const uint16_t*>(z.data_ptr<at::BFloat16>()) + row0 * d : nullptr,
                          row0, rows, d, static_cast<float>(sigma), useed, static_cast<uint64_t>(offset));
       if (need_perturbed) std::memcpy(perturbed.data_ptr<float>() + row0 * d, in, sizeof(float) * rows * d);
