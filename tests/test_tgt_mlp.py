@@ -8,6 +8,8 @@ TRITON_INTERPRET=1 on tiny shapes, and the CUDA kernel when a GPU is visible.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -341,3 +343,51 @@ def test_chunked_backward_matches_the_compiled_one():
     for gx, gs in ((g_x, g_s), (g_x, None), (None, g_s)):
         ours = _mlp._BWD["cpp"](pert, *args, len(dec), 1.7, gx, gs)
         torch.testing.assert_close(ours, _mlp._chunked_backward(pert, dec, lab, 1.7, gx, gs), rtol=1e-5, atol=1e-5)
+
+
+_COMPILE_FOR_GPUS = """
+import sys
+import triton
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError:
+    sys.exit(3)
+from tgtfast.kernels import mlp as kernels
+
+fn = kernels._linear_kernel
+for fused in (False, True):
+    sig = {"x_ptr": "*bf16", "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32", "out_ptr": "*bf16",
+           "pert_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "sigma": "fp32", "seed": "u64",
+           "noise_base": "i64", "inv_t": "fp32"}
+    const = dict(ACT=2, HAS_BIAS=True, NOISE=True, WRITE_PERT=True, WRITE_OUT=True, SOFTMAX=fused,
+                 PRECISION="tf32x3", BLOCK_M=16 if fused else 64, BLOCK_N=1024 if fused else 64,
+                 BLOCK_K=16 if fused else 32)
+    sig.update({k: "constexpr" for k in const})
+    try:
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+    except TypeError:  # the ASTSource signature differs between Triton releases
+        sys.exit(3)
+    for cc in (80, 90):
+        assert triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": 8 if fused else 4}).asm["ptx"]
+soft = ASTSource(fn=kernels._softmax_kernel, constexprs={(4,): 1024},
+                 signature={"x_ptr": "*fp32", "out_ptr": "*bf16", "N": "i32", "inv_t": "fp32", "BLOCK": "constexpr"})
+assert triton.compile(soft, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+print("compiled")
+"""
+
+
+@requires_triton
+def test_triton_kernels_compile_for_gpus(tmp_path):
+    """Compile, without launching, the layer kernel (bfloat16 in and out, noise, GELU, with and without the fused
+    softmax) for sm_80 and sm_90 and the softmax kernel for sm_90, in a process without TRITON_INTERPRET: catches
+    what the interpreter accepts and the GPU compiler does not."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0", TGTFAST_QUIET="1")
+    out = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPUS], capture_output=True, text=True, cwd=tmp_path,
+                         env=env, timeout=600)
+    if out.returncode == 3:
+        pytest.skip("this Triton cannot compile for a GPU target without a GPU through ASTSource")
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
