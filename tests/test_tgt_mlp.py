@@ -191,6 +191,17 @@ def test_as_mlp_activation_forms():
 def test_as_mlp_returns_none_for_what_it_cannot_fuse(module):
     assert as_mlp(module, name="decoder") is None
     assert as_mlp(lambda x: x, name="decoder") is None
+    assert _mlp.why_not_mlp(module, name="decoder").startswith("decoder: ")
+    assert "is neither" in _mlp.why_not_mlp(lambda x: x, name="decoder")
+
+
+def test_why_not_mlp_names_the_layer():
+    why = _mlp.why_not_mlp(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Conv1d(1, 1, 1)), name="labeler")
+    assert why.startswith("labeler: layer 2 (Conv1d) is neither nn.Linear")
+    assert "Dropout in training mode" in _mlp.why_not_mlp(nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.1)),
+                                                          name="decoder")
+    assert _mlp.why_not_mlp(nn.Sequential(nn.Linear(3, 4), nn.Tanh()), name="decoder") is None
+    assert _mlp.why_not_mlp([(torch.randn(4, 3), None, "relu")], name="decoder") is None
 
 
 @pytest.mark.parametrize("layers, match", [

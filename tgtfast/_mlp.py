@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from tgtfast import _ext, dispatch, reference
 from tgtfast.dispatch import Backend
 
-__all__ = ["ACTIVATIONS", "Layer", "as_mlp", "perturb_decode_label_mlp"]
+__all__ = ["ACTIVATIONS", "Layer", "as_mlp", "why_not_mlp", "perturb_decode_label_mlp"]
 
 OP = "perturb_decode_label_mlp"
 
@@ -85,29 +85,45 @@ def _flatten(module: nn.Module, out: List[nn.Module]) -> None:
         out.append(module)
 
 
-def _from_module(module: nn.Module, name: str) -> Optional[List[Layer]]:
+def _parse_module(module: nn.Module, name: str) -> Tuple[Optional[List[Layer]], Optional[str]]:
+    """(layers, None), or (None, why the module cannot be fused, naming the layer)."""
     mods: List[nn.Module] = []
     _flatten(module, mods)
     layers: List[list] = []
-    for m in mods:
+    for i, m in enumerate(mods):
+        where = f"{name}: layer {i} ({type(m).__name__})"
         if isinstance(m, nn.Linear):  # after another Linear, that one keeps the identity activation
             layers.append([m.weight, m.bias, "identity", "linear"])
             continue
-        if isinstance(m, nn.Dropout) and (not m.training or m.p == 0):
-            continue  # the identity in eval mode
-        act = _activation_name(m) if isinstance(m, nn.Module) else None
+        if isinstance(m, nn.Dropout):
+            if not m.training or m.p == 0:
+                continue  # the identity in eval mode
+            return None, f"{where} is a Dropout in training mode"
+        act = _activation_name(m)
         if act is None:
-            return None  # a layer the kernels do not have: the caller takes the generic path
+            return None, (f"{where} is neither nn.Linear nor a supported activation "
+                          f"(ReLU, GELU, SiLU, Tanh, Sigmoid, Identity, Dropout in eval mode)")
         if act == "identity":
             continue
         if not layers or layers[-1][3] != "linear":
-            return None  # an activation first, or two in a row: not one (Linear, activation) pair
+            return None, f"{where} is an activation that does not follow an nn.Linear"
         layers[-1][2], layers[-1][3] = act, "act"
     if not layers:
-        return None
+        return None, f"{name}: has no nn.Linear layer"
     out = [(w, b, act) for w, b, act, _ in layers]
     _check_chain(out, name)
-    return out
+    return out, None
+
+
+def why_not_mlp(module_or_layers, *, name: str) -> Optional[str]:
+    """None if :func:`as_mlp` can fuse `module_or_layers`, else a sentence naming the layer that prevents it
+    (for messages of callers that fall back to the generic path or refuse a forced fused call)."""
+    if isinstance(module_or_layers, nn.Module):
+        return _parse_module(module_or_layers, name)[1]
+    if isinstance(module_or_layers, (list, tuple)):
+        _from_list(module_or_layers, name)  # raises on a bad entry
+        return None
+    return f"{name}: a {type(module_or_layers).__name__} is neither an nn.Module nor a list of layers"
 
 
 def _check_chain(layers: Sequence[Layer], name: str) -> None:
@@ -155,7 +171,8 @@ def as_mlp(module_or_layers: Union[nn.Module, Sequence, None], *, name: str) -> 
       ``nn.SiLU``, ``nn.Tanh``, ``nn.Sigmoid``; ``nn.Identity`` and ``nn.Dropout`` in eval mode are skipped, and a
       Linear followed directly by another Linear gets the ``"identity"`` activation. A bare ``nn.Linear`` is a
       one-layer MLP. Returns None (use the generic path) for anything else: other layers (Conv, LayerNorm,
-      custom modules), Dropout in train mode, an activation before the first Linear or two activations in a row.
+      custom modules), Dropout in train mode, an activation before the first Linear or two activations in a row;
+      :func:`why_not_mlp` names the layer.
     * an explicit list of ``(weight, bias, activation)`` tuples; ``activation`` is a name of :data:`ACTIVATIONS`
       (also ``"linear"``/``"none"`` for identity, ``"swish"`` for silu), ``None`` (identity), one of the modules
       above, or one of ``torch.relu``, ``torch.tanh``, ``torch.sigmoid``, ``F.relu``, ``F.tanh``, ``F.sigmoid``,
@@ -165,7 +182,7 @@ def as_mlp(module_or_layers: Union[nn.Module, Sequence, None], *, name: str) -> 
     copied, not detached).
     """
     if isinstance(module_or_layers, nn.Module):
-        return _from_module(module_or_layers, name)
+        return _parse_module(module_or_layers, name)[0]
     if isinstance(module_or_layers, (list, tuple)):
         return _from_list(module_or_layers, name)
     return None
