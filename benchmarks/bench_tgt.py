@@ -1,6 +1,7 @@
 """Benchmark of the fused MLP perturb -> decode -> label chain against the same modules called one by one.
 
-    python benchmarks/bench_tgt.py [--b 4096] [--k 10 1000] [--dtype float32] [--repeats 9] [--grad] [--json F]
+    python benchmarks/bench_tgt.py [--b 4096] [--k 10 1000] [--dtype float32] [--repeats 9] [--grad] [--threads N]
+                                   [--json F]
 
 Teacher of the TGT issue: decoder 64 -> 256 -> 784 (ReLU, then sigmoid out), labeler 784 -> 256 -> K (ReLU),
 latent codes z [B, 64]. Rows, all on the same inputs and in one process:
@@ -193,8 +194,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory subprocesses")
     parser.add_argument("--impl", nargs="+", help="rows to run (default: eager and every available backend)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for the timed runs (CPU)")
     parser.add_argument("--json", help="write the results to this JSON file")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results = []
     for k in args.k:

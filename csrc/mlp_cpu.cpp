@@ -6,11 +6,14 @@
 // to x_new, and the labeler's logits turned into the tempered softmax in place. The block's hidden
 // activations live in two per-thread buffers of kBlockRows x (widest layer) floats that are reused for every
 // block: nothing of size [B, hidden] is allocated. Inside at::parallel_for the GEMMs run single-threaded.
+// Threads take blocks from a shared counter rather than a fixed half each, so that a thread slowed down by
+// another process on its core does not hold the others up.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
@@ -92,13 +95,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cpu(
   const int64_t blocks = (B + kBlockRows - 1) / kBlockRows;
   const auto fopts = z.options().dtype(at::kFloat);
 
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next_block{0};
+  at::parallel_for(0, std::min<int64_t>(blocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     std::vector<float> buf_a(static_cast<size_t>(kBlockRows * widest)), buf_b(buf_a.size());
-    for (int64_t blk = begin; blk < end; ++blk) {
+    for (int64_t blk = next_block++; blk < blocks; blk = next_block++) {
       const int64_t row0 = blk * kBlockRows, rows = std::min(kBlockRows, B - row0);
       float* in = buf_a.data();
       float* spare = buf_b.data();
-      cpu::perturb_block(in, bf16 ? nullptr : z.data_ptr<float>() + row0 * d,
+      cpu::perturb_block(isa, in, bf16 ? nullptr : z.data_ptr<float>() + row0 * d,
                          bf16 ? reinterpret_cast<const uint16_t*>(z.data_ptr<at::BFloat16>()) + row0 * d : nullptr,
                          row0, rows, d, static_cast<float>(sigma), useed, static_cast<uint64_t>(offset));
       if (need_perturbed) std::memcpy(perturbed.data_ptr<float>() + row0 * d, in, sizeof(float) * rows * d);
@@ -127,7 +131,118 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cpu(
   return {x_new, soft, perturbed};
 }
 
+// Gradient to the perturbed latent. Per block of rows: the forward again, keeping the block's pre- and
+// post-activations of every layer in per-thread buffers, then back through the layers with dA_l = dPre_l W_l
+// and dPre_l = dA_{l+1} * act_l'. With no gradient for the soft labels the labeler is skipped.
+at::Tensor mlp_chain_bwd_cpu(const at::Tensor& perturbed, at::TensorList weights,
+                             const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
+                             int64_t num_decoder_layers, double temperature, const std::optional<at::Tensor>& grad_x,
+                             const std::optional<at::Tensor>& grad_soft) {
+  const int64_t L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(perturbed.dim() == 2 && perturbed.scalar_type() == at::kFloat && perturbed.is_contiguous(),
+              "mlp_chain_bwd: perturbed must be a contiguous float32 [B, d] tensor");
+  TORCH_CHECK(static_cast<int64_t>(biases.size()) == L && static_cast<int64_t>(activations.size()) == L &&
+                  num_decoder_layers >= 1 && num_decoder_layers < L,
+              "mlp_chain_bwd: inconsistent layer lists");
+  TORCH_CHECK(temperature > 0, "mlp_chain_bwd: temperature must be > 0");
+  const int64_t B = perturbed.size(0), d = perturbed.size(1);
+  std::vector<const float*> bias_ptr(L, nullptr);
+  std::vector<int64_t> off(L + 1, 0);  // offsets of each layer's [rows, out] in the per-thread activation buffers
+  int64_t width = d, widest = d;
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor& w = weights[l];
+    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous() && w.size(1) == width,
+                "mlp_chain_bwd: weight ", l, " must be a contiguous float32 [out, ", width, "] tensor");
+    TORCH_CHECK(activations[l] >= 0 && activations[l] < cpu::kNumActs, "mlp_chain_bwd: unknown activation code ",
+                activations[l]);
+    const std::optional<at::Tensor> b = biases.get(l);
+    if (b.has_value()) {
+      TORCH_CHECK(b->dim() == 1 && b->size(0) == w.size(0) && b->scalar_type() == at::kFloat && b->is_contiguous(),
+                  "mlp_chain_bwd: bias ", l, " must be a contiguous float32 vector of ", w.size(0));
+      bias_ptr[l] = b->data_ptr<float>();
+    }
+    width = w.size(0);
+    widest = std::max(widest, width);
+    off[l + 1] = off[l] + width;
+  }
+  const int64_t x_width = weights[num_decoder_layers - 1].size(0);
+  const bool has_gx = grad_x.has_value() && grad_x->defined();
+  const bool has_gs = grad_soft.has_value() && grad_soft->defined();
+  if (has_gx) {
+    TORCH_CHECK(grad_x->scalar_type() == at::kFloat && grad_x->is_contiguous() &&
+                    grad_x->sizes() == at::IntArrayRef({B, x_width}),
+                "mlp_chain_bwd: grad_x must be a contiguous float32 [", B, ", ", x_width, "] tensor");
+  }
+  if (has_gs) {
+    TORCH_CHECK(grad_soft->scalar_type() == at::kFloat && grad_soft->is_contiguous() &&
+                    grad_soft->sizes() == at::IntArrayRef({B, width}),
+                "mlp_chain_bwd: grad_soft must be a contiguous float32 [", B, ", ", width, "] tensor");
+  }
+  auto grad_z = at::zeros({B, d}, perturbed.options());
+  if (B == 0 || (!has_gx && !has_gs)) return grad_z;
+
+  const int64_t layers = has_gs ? L : num_decoder_layers;  // layers that take part in the gradient
+  const cpu::MlpIsa isa = cpu::cpu_has_avx2() ? cpu::mlp_isa_avx2() : cpu::mlp_isa_base();
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const int64_t kBlockRows = block_rows();
+  const int64_t blocks = (B + kBlockRows - 1) / kBlockRows;
+  const auto fopts = perturbed.options();
+  std::vector<at::Tensor> wt(L);
+  for (int64_t l = 0; l < L; ++l) wt[l] = weights[l].t();
+
+  std::atomic<int64_t> next_block{0};
+  at::parallel_for(0, std::min<int64_t>(blocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    std::vector<float> pre(static_cast<size_t>(kBlockRows * off[layers])), post(pre.size());
+    std::vector<float> g_a(static_cast<size_t>(kBlockRows * widest)), g_b(g_a.size());
+    for (int64_t blk = next_block++; blk < blocks; blk = next_block++) {
+      const int64_t row0 = blk * kBlockRows, rows = std::min(kBlockRows, B - row0);
+      const float* in = perturbed.data_ptr<float>() + row0 * d;
+      int64_t in_w = d;
+      for (int64_t l = 0; l < layers; ++l) {
+        const int64_t out_w = weights[l].size(0);
+        float* p = pre.data() + kBlockRows * off[l];
+        float* q = post.data() + kBlockRows * off[l];
+        auto p_t = at::from_blob(p, {rows, out_w}, fopts);
+        at::mm_out(p_t, at::from_blob(const_cast<float*>(in), {rows, in_w}, fopts), wt[l]);
+        if (bias_ptr[l] != nullptr) isa.bias_act(p, rows, out_w, out_w, bias_ptr[l], cpu::Act::kIdentity);
+        std::copy(p, p + rows * out_w, q);
+        isa.bias_act(q, rows, out_w, out_w, nullptr, static_cast<cpu::Act>(activations[l]));
+        in = q;
+        in_w = out_w;
+      }
+      // gradient with respect to the output of layer `l`, walking down
+      float* g = g_a.data();
+      float* spare = g_b.data();
+      int64_t l = layers - 1;
+      const int64_t top_w = weights[l].size(0);
+      if (has_gs) {
+        isa.softmax_grad(g, post.data() + kBlockRows * off[l], grad_soft->data_ptr<float>() + row0 * top_w, rows,
+                         top_w, inv_t);
+      } else {
+        std::fill(g, g + rows * top_w, 0.0f);
+      }
+      for (; l >= 0; --l) {
+        const int64_t out_w = weights[l].size(0), in_w_l = weights[l].size(1);
+        if (has_gx && l == num_decoder_layers - 1) {
+          const float* gx = grad_x->data_ptr<float>() + row0 * out_w;
+          for (int64_t i = 0; i < rows * out_w; ++i) g[i] += gx[i];
+        }
+        isa.act_grad(g, pre.data() + kBlockRows * off[l], post.data() + kBlockRows * off[l], rows, out_w,
+                     static_cast<cpu::Act>(activations[l]));
+        float* dst = l == 0 ? grad_z.data_ptr<float>() + row0 * d : spare;
+        auto dst_t = at::from_blob(dst, {rows, in_w_l}, fopts);
+        at::mm_out(dst_t, at::from_blob(g, {rows, out_w}, fopts), weights[l]);
+        std::swap(g, spare);
+      }
+    }
+  });
+  return grad_z;
+}
+
 }  // namespace
 }  // namespace tgtfast
 
-TORCH_LIBRARY_IMPL(tgtfast, CPU, m) { m.impl("mlp_chain_fwd", &tgtfast::mlp_chain_fwd_cpu); }
+TORCH_LIBRARY_IMPL(tgtfast, CPU, m) {
+  m.impl("mlp_chain_fwd", &tgtfast::mlp_chain_fwd_cpu);
+  m.impl("mlp_chain_bwd", &tgtfast::mlp_chain_bwd_cpu);
+}

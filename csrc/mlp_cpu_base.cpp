@@ -7,24 +7,31 @@
 namespace tgtfast {
 namespace cpu {
 
-void perturb_block(float* out, const float* z, const uint16_t* z_bf16, int64_t row0, int64_t rows, int64_t cols,
-                   float sigma, uint64_t seed, uint64_t offset) {
+void perturb_block(const MlpIsa& isa, float* out, const float* z, const uint16_t* z_bf16, int64_t row0, int64_t rows,
+                   int64_t cols, float sigma, uint64_t seed, uint64_t offset) {
+  constexpr int64_t kChunk = 256;
+  float u1[kChunk], u2[kChunk], zf[kChunk];
+  uint8_t odd[kChunk];
   const int64_t n = rows * cols;
   const uint64_t first = offset + static_cast<uint64_t>(row0 * cols);
-  int64_t i = 0;
-  while (i < n) {
-    const uint64_t j = first + static_cast<uint64_t>(i);
-    const philox::U4 w = philox::group_words(seed, j >> 2);
-    const float pair[2][2] = {{philox::to_open_unit(w.x0), philox::to_open_unit(w.x1)},
-                              {philox::to_open_unit(w.x2), philox::to_open_unit(w.x3)}};
-    for (unsigned r = static_cast<unsigned>(j & 3u); r < 4 && i < n; ++r, ++i) {
-      const float* p = pair[r >> 1];
-      const float radius = sqrtf(-2.0f * logf(p[0]));
-      const float theta = 6.283185307179586f * p[1];
-      const float noise = radius * ((r & 1u) ? sinf(theta) : cosf(theta));
-      const float zi = z ? z[i] : bits_to_float(static_cast<uint32_t>(z_bf16[i]) << 16);
-      out[i] = zi + sigma * noise;
+  philox::U4 w{0, 0, 0, 0};
+  uint64_t group = ~uint64_t{0};
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t m = std::min(kChunk, n - i0);
+    for (int64_t t = 0; t < m; ++t) {
+      const int64_t i = i0 + t;
+      const uint64_t j = first + static_cast<uint64_t>(i);
+      if ((j >> 2) != group) {
+        group = j >> 2;
+        w = philox::group_words(seed, group);
+      }
+      const unsigned r = static_cast<unsigned>(j & 3u);
+      u1[t] = philox::to_open_unit(r < 2 ? w.x0 : w.x2);
+      u2[t] = philox::to_open_unit(r < 2 ? w.x1 : w.x3);
+      odd[t] = static_cast<uint8_t>(r & 1u);
+      zf[t] = z ? z[i] : bits_to_float(static_cast<uint32_t>(z_bf16[i]) << 16);
     }
+    isa.box_muller(out + i0, u1, u2, zf, odd, m, sigma);
   }
 }
 

@@ -26,6 +26,15 @@ struct MlpIsa {
   void (*bias_act)(float* y, int64_t rows, int64_t cols, int64_t ld, const float* bias, Act act);
   // In place, per row: y <- softmax(y * inv_temperature).
   void (*softmax)(float* y, int64_t rows, int64_t cols, int64_t ld, float inv_temperature);
+  // g[r, c] *= act'(pre[r, c]) where post = act(pre); all [rows, cols] with row stride cols.
+  void (*act_grad)(float* g, const float* pre, const float* post, int64_t rows, int64_t cols, Act act);
+  // Backward of soft = softmax(logits * inv_temperature): out = soft * (g - sum(g * soft)) * inv_temperature;
+  // all [rows, cols] with row stride cols; `out` may not alias the others.
+  void (*softmax_grad)(float* out, const float* logits, const float* g, int64_t rows, int64_t cols,
+                       float inv_temperature);
+  // out[i] = z[i] + sigma * sqrt(-2 log u1[i]) * (odd[i] ? sin : cos)(2 pi u2[i])   (Box-Muller, csrc/philox.h)
+  void (*box_muller)(float* out, const float* u1, const float* u2, const float* z, const uint8_t* odd, int64_t n,
+                     float sigma);
 };
 
 MlpIsa mlp_isa_avx2();
@@ -33,8 +42,9 @@ MlpIsa mlp_isa_base();
 
 // out[r, c] = z[r, c] + sigma * normal(seed, offset + (row0 + r) * cols + c) for a block of `rows` rows of the
 // [*, cols] latent (csrc/philox.h). `z` is float32 (z_bf16 == nullptr) or bfloat16 bits (z == nullptr).
-void perturb_block(float* out, const float* z, const uint16_t* z_bf16, int64_t row0, int64_t rows, int64_t cols,
-                   float sigma, uint64_t seed, uint64_t offset);
+// The Philox words are drawn here (one call per four elements), the Box-Muller step by isa.box_muller.
+void perturb_block(const MlpIsa& isa, float* out, const float* z, const uint16_t* z_bf16, int64_t row0, int64_t rows,
+                   int64_t cols, float sigma, uint64_t seed, uint64_t offset);
 
 }  // namespace cpu
 }  // namespace tgtfast

@@ -27,6 +27,11 @@ TORCH_LIBRARY(tgtfast, m) {
   m.def(
       "mlp_chain_fwd(Tensor z, Tensor[] weights, Tensor?[] biases, int[] activations, int num_decoder_layers, "
       "float sigma, int seed, int offset, float temperature, bool need_perturbed) -> (Tensor, Tensor, Tensor)");
+  // Its gradient to the latent, recomputed from the perturbed latent: grad_x [B, d_x] and grad_soft [B, K]
+  // (float32, either may be absent) -> grad [B, d] float32.
+  m.def(
+      "mlp_chain_bwd(Tensor perturbed, Tensor[] weights, Tensor?[] biases, int[] activations, "
+      "int num_decoder_layers, float temperature, Tensor? grad_x, Tensor? grad_soft) -> Tensor");
 }
 
 namespace {

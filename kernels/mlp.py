@@ -22,7 +22,7 @@ are read as float32. Activation codes are those of ``tgtfast/_mlp.py`` (``ACTIVA
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -162,7 +162,7 @@ def _linear(x, w, b, act, out_dtype_buf, *, noise=None, pert=None, softmax_t=Non
     else:
         block_n = 64 if N >= 64 else max(16, triton.next_power_of_2(N))
         block_m = 64 if M >= 64 else max(16, triton.next_power_of_2(M))
-    block_k = 32 if K >= 32 else 16
+    block_k = 32 if K >= 32 and block_n <= 256 else 16
     sigma, seed, offset = noise if noise is not None else (0.0, 0, 0)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     precision = "ieee" if _interpret() else "tf32x3"

@@ -8,7 +8,7 @@ TRITON_INTERPRET=1 on tiny shapes, and the CUDA kernel when a GPU is visible.
 
 from __future__ import annotations
 
-import warnings
+import os
 
 import pytest
 import torch
@@ -98,7 +98,7 @@ def test_single_layers_no_bias(backend):
     check_against_truth(backend, torch.randn(3, 5), dec, lab)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if HAS_TRITON else []))
 @pytest.mark.parametrize("offset", [0, 1, 6, 2**40 + 3])
 def test_noise_is_latent_noise(backend, offset):
     """With an identity decoder x_new is exactly z + sigma * latent_noise(offset)."""
@@ -109,6 +109,24 @@ def test_noise_is_latent_noise(backend, offset):
     x, _ = perturb_decode_label_mlp(z, dec, lab, sigma=0.5, seed=2**63 + 17, offset=offset, backend=backend)
     expect = z + 0.5 * reference.latent_noise(z.shape, 2**63 + 17, offset)
     torch.testing.assert_close(x, expect, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("used", ["x_new", "soft"])
+def test_gradient_through_one_output(backend, used):
+    dec = make_layers([5, 12, 7], ["silu", "sigmoid"])
+    lab = make_layers([7, 4], ["identity"])
+    z = torch.randn(9, 5)
+    kw = dict(sigma=0.4, seed=3, temperature=0.7)
+    grads = []
+    for fn in (lambda t: perturb_decode_label_mlp(t, dec, lab, backend=backend, **kw),
+               lambda t: reference.perturb_decode_label_mlp(t, dec, lab, **kw)):
+        t = z.clone().requires_grad_(True)
+        x, s = fn(t)
+        out = x if used == "x_new" else s
+        (out * torch.arange(out.shape[1], dtype=out.dtype)).sum().backward()
+        grads.append(t.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
 def test_offset_continues_the_stream():
@@ -173,6 +191,17 @@ def test_as_mlp_activation_forms():
 def test_as_mlp_returns_none_for_what_it_cannot_fuse(module):
     assert as_mlp(module, name="decoder") is None
     assert as_mlp(lambda x: x, name="decoder") is None
+    assert _mlp.why_not_mlp(module, name="decoder").startswith("decoder: ")
+    assert "is neither" in _mlp.why_not_mlp(lambda x: x, name="decoder")
+
+
+def test_why_not_mlp_names_the_layer():
+    why = _mlp.why_not_mlp(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Conv1d(1, 1, 1)), name="labeler")
+    assert why.startswith("labeler: layer 2 (Conv1d) is neither nn.Linear")
+    assert "Dropout in training mode" in _mlp.why_not_mlp(nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.1)),
+                                                          name="decoder")
+    assert _mlp.why_not_mlp(nn.Sequential(nn.Linear(3, 4), nn.Tanh()), name="decoder") is None
+    assert _mlp.why_not_mlp([(torch.randn(4, 3), None, "relu")], name="decoder") is None
 
 
 @pytest.mark.parametrize("layers, match", [
@@ -284,3 +313,92 @@ def test_cuda_issue_shapes():
     lab = make_layers([784, 256, 1000], ["relu", "identity"], device="cuda")
     z = torch.randn(300, 64, device="cuda")
     check_against_truth("cuda", z, dec, lab, sigma=0.1)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_in_a_row_stays_in_that_row(backend):
+    dec = make_layers([4, 8, 6], ["relu", "sigmoid"])
+    lab = make_layers([6, 5, 3], ["tanh", "identity"])
+    z = torch.randn(6, 4)
+    z[2, 1] = float("nan")
+    x, s = perturb_decode_label_mlp(z, dec, lab, sigma=0.1, seed=1, backend=backend)
+    assert bool(torch.isnan(s[2]).all()) and bool(torch.isnan(x[2]).any())
+    keep = torch.tensor([0, 1, 3, 4, 5])
+    assert bool(torch.isfinite(x[keep]).all()) and bool(torch.isfinite(s[keep]).all())
+
+
+def test_register_op_narrows_backends_and_dtypes():
+    from tgtfast import dispatch
+
+    dispatch.register_op("_test_op", missing={"cpp": "not written"}, dtypes={"reference": (torch.float64,)})
+    try:
+        assert tgtfast.backends("_test_op")["cpp"] == "unavailable: not written"
+        assert dispatch.select(None, torch.device("cpu"), torch.float64, op="_test_op") is dispatch.Backend.REFERENCE
+        with pytest.raises(ValueError, match="does not take torch.float32"):
+            dispatch.select("reference", torch.device("cpu"), torch.float32, op="_test_op")
+        assert tgtfast.backends()["cpp"] == tgtfast.backends("ptloss")["cpp"]
+    finally:
+        dispatch._OPS.pop("_test_op")
+
+
+def test_chunked_backward_matches_the_compiled_one():
+    """The torch-op backward (GPU backends) and the C++ one give the same gradient."""
+    if "cpp" not in _mlp._BWD:
+        pytest.skip("no compiled backward")
+    dec = _mlp._layers_f32(make_layers([6, 20, 11], ["gelu", "sigmoid"]))
+    lab = _mlp._layers_f32(make_layers([11, 13, 7], ["silu", "identity"]))
+    pert = torch.randn(77, 6)
+    g_x, g_s = torch.randn(77, 11), torch.randn(77, 7)
+    layers = dec + lab
+    args = ([w for w, _, _ in layers], [b for _, b, _ in layers], [_mlp.ACTIVATIONS[a] for _, _, a in layers])
+    for gx, gs in ((g_x, g_s), (g_x, None), (None, g_s)):
+        ours = _mlp._BWD["cpp"](pert, *args, len(dec), 1.7, gx, gs)
+        torch.testing.assert_close(ours, _mlp._chunked_backward(pert, dec, lab, 1.7, gx, gs), rtol=1e-5, atol=1e-5)
+
+
+_COMPILE_FOR_GPUS = """
+import sys
+import triton
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError:
+    sys.exit(3)
+from tgtfast.kernels import mlp as kernels
+
+fn = kernels._linear_kernel
+for fused in (False, True):
+    sig = {"x_ptr": "*bf16", "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32", "out_ptr": "*bf16",
+           "pert_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "sigma": "fp32", "seed": "u64",
+           "noise_base": "i64", "inv_t": "fp32"}
+    const = dict(ACT=2, HAS_BIAS=True, NOISE=True, WRITE_PERT=True, WRITE_OUT=True, SOFTMAX=fused,
+                 PRECISION="tf32x3", BLOCK_M=16 if fused else 64, BLOCK_N=1024 if fused else 64,
+                 BLOCK_K=16 if fused else 32)
+    sig.update({k: "constexpr" for k in const})
+    try:
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+    except TypeError:  # the ASTSource signature differs between Triton releases
+        sys.exit(3)
+    for cc in (80, 90):
+        assert triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": 8 if fused else 4}).asm["ptx"]
+soft = ASTSource(fn=kernels._softmax_kernel, constexprs={(4,): 1024},
+                 signature={"x_ptr": "*fp32", "out_ptr": "*bf16", "N": "i32", "inv_t": "fp32", "BLOCK": "constexpr"})
+assert triton.compile(soft, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+print("compiled")
+"""
+
+
+@requires_triton
+def test_triton_kernels_compile_for_gpus(tmp_path):
+    """Compile, without launching, the layer kernel (bfloat16 in and out, noise, GELU, with and without the fused
+    softmax) for sm_80 and sm_90 and the softmax kernel for sm_90, in a process without TRITON_INTERPRET: catches
+    what the interpreter accepts and the GPU compiler does not."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0", TGTFAST_QUIET="1")
+    out = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPUS], capture_output=True, text=True, cwd=tmp_path,
+                         env=env, timeout=600)
+    if out.returncode == 3:
+        pytest.skip("this Triton cannot compile for a GPU target without a GPU through ASTSource")
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]

@@ -15,7 +15,7 @@
 * :mod:`tgtfast.reference`: the eager PyTorch specification every backend is tested against.
 """
 
-from tgtfast import reference
+from tgtfast import _mlp, reference  # _mlp registers the fused MLP chain with the dispatcher
 from tgtfast.dispatch import Backend, backends
 from tgtfast.functional import focal_kd_loss, kd_loss, ptloss
 from tgtfast.fused_linear import FusedLinearPTLoss, fused_linear_ptloss

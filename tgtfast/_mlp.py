@@ -4,9 +4,15 @@ When the decoder and the labeler of a TGT teacher are plain MLPs, the whole chai
 
     x_new = decoder(z + sigma * noise(seed, offset))          soft = softmax(labeler(x_new) / temperature)
 
-runs as one fused kernel chain that draws the noise in place (the counter-based generator of
-:func:`tgtfast.reference.latent_noise`), keeps the hidden activations of a block of rows on chip (in cache on
-the CPU, in registers/shared memory on the GPU) and writes only ``x_new`` and ``soft``.
+runs as a fused kernel chain that draws the noise in place (the counter-based generator of
+:func:`tgtfast.reference.latent_noise`); no noise tensor and no logits tensor is materialised.
+
+* CPU (C++): blocks of 64 rows in parallel; the block's hidden activations stay in two per-thread buffers that
+  live in cache, and only ``x_new`` and ``soft`` are written to memory.
+* GPU (CUDA and Triton): one launch per layer, each a tiled GEMM with bias and activation fused in its epilogue,
+  the noise fused into the first layer's input loads and the softmax into the last layer (or a row kernel);
+  the float32 hidden activations of a chunk of at most 16384 rows pass through global memory (L2) between
+  launches.
 
 * :func:`as_mlp` turns a module or an explicit list of layers into ``[(weight, bias, activation), ...]``, or
   says (``None``) that the module cannot be fused.
@@ -14,7 +20,9 @@ the CPU, in registers/shared memory on the GPU) and writes only ``x_new`` and ``
   differentiable with respect to ``z``.
 
 Gradients. The backward pass recomputes the chain from the perturbed latent (``[B, d]``, the only thing the
-forward saves) block by block, so its extra memory is one block of hidden activations, never ``[B, hidden]``.
+forward saves) block by block, so its extra memory is one block of hidden activations, never ``[B, hidden]``:
+on the CPU in C++ (``tgtfast::mlp_chain_bwd``, blocks of 64 rows in parallel), on the GPU with torch ops on
+chunks of about 2**20 hidden values.
 The teacher is frozen: the weights and biases are constants of the op and never receive a gradient. If one of
 them requires grad while grad mode is on, a ``UserWarning`` says so once and the weights are still treated as
 constants (``.grad`` stays ``None``); to train a teacher through this chain, call the modules eagerly instead.
@@ -24,7 +32,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +41,7 @@ from torch import Tensor, nn
 from tgtfast import _ext, dispatch, reference
 from tgtfast.dispatch import Backend
 
-__all__ = ["ACTIVATIONS", "Layer", "as_mlp", "perturb_decode_label_mlp"]
+__all__ = ["ACTIVATIONS", "Layer", "as_mlp", "why_not_mlp", "perturb_decode_label_mlp"]
 
 OP = "perturb_decode_label_mlp"
 
@@ -77,29 +85,45 @@ def _flatten(module: nn.Module, out: List[nn.Module]) -> None:
         out.append(module)
 
 
-def _from_module(module: nn.Module, name: str) -> Optional[List[Layer]]:
+def _parse_module(module: nn.Module, name: str) -> Tuple[Optional[List[Layer]], Optional[str]]:
+    """(layers, None), or (None, why the module cannot be fused, naming the layer)."""
     mods: List[nn.Module] = []
     _flatten(module, mods)
     layers: List[list] = []
-    for m in mods:
+    for i, m in enumerate(mods):
+        where = f"{name}: layer {i} ({type(m).__name__})"
         if isinstance(m, nn.Linear):  # after another Linear, that one keeps the identity activation
             layers.append([m.weight, m.bias, "identity", "linear"])
             continue
-        if isinstance(m, nn.Dropout) and (not m.training or m.p == 0):
-            continue  # the identity in eval mode
-        act = _activation_name(m) if isinstance(m, nn.Module) else None
+        if isinstance(m, nn.Dropout):
+            if not m.training or m.p == 0:
+                continue  # the identity in eval mode
+            return None, f"{where} is a Dropout in training mode"
+        act = _activation_name(m)
         if act is None:
-            return None  # a layer the kernels do not have: the caller takes the generic path
+            return None, (f"{where} is neither nn.Linear nor a supported activation "
+                          f"(ReLU, GELU, SiLU, Tanh, Sigmoid, Identity, Dropout in eval mode)")
         if act == "identity":
             continue
         if not layers or layers[-1][3] != "linear":
-            return None  # an activation first, or two in a row: not one (Linear, activation) pair
+            return None, f"{where} is an activation that does not follow an nn.Linear"
         layers[-1][2], layers[-1][3] = act, "act"
     if not layers:
-        return None
+        return None, f"{name}: has no nn.Linear layer"
     out = [(w, b, act) for w, b, act, _ in layers]
     _check_chain(out, name)
-    return out
+    return out, None
+
+
+def why_not_mlp(module_or_layers, *, name: str) -> Optional[str]:
+    """None if :func:`as_mlp` can fuse `module_or_layers`, else a sentence naming the layer that prevents it
+    (for messages of callers that fall back to the generic path or refuse a forced fused call)."""
+    if isinstance(module_or_layers, nn.Module):
+        return _parse_module(module_or_layers, name)[1]
+    if isinstance(module_or_layers, (list, tuple)):
+        _from_list(module_or_layers, name)  # raises on a bad entry
+        return None
+    return f"{name}: a {type(module_or_layers).__name__} is neither an nn.Module nor a list of layers"
 
 
 def _check_chain(layers: Sequence[Layer], name: str) -> None:
@@ -147,7 +171,8 @@ def as_mlp(module_or_layers: Union[nn.Module, Sequence, None], *, name: str) -> 
       ``nn.SiLU``, ``nn.Tanh``, ``nn.Sigmoid``; ``nn.Identity`` and ``nn.Dropout`` in eval mode are skipped, and a
       Linear followed directly by another Linear gets the ``"identity"`` activation. A bare ``nn.Linear`` is a
       one-layer MLP. Returns None (use the generic path) for anything else: other layers (Conv, LayerNorm,
-      custom modules), Dropout in train mode, an activation before the first Linear or two activations in a row.
+      custom modules), Dropout in train mode, an activation before the first Linear or two activations in a row;
+      :func:`why_not_mlp` names the layer.
     * an explicit list of ``(weight, bias, activation)`` tuples; ``activation`` is a name of :data:`ACTIVATIONS`
       (also ``"linear"``/``"none"`` for identity, ``"swish"`` for silu), ``None`` (identity), one of the modules
       above, or one of ``torch.relu``, ``torch.tanh``, ``torch.sigmoid``, ``F.relu``, ``F.tanh``, ``F.sigmoid``,
@@ -157,7 +182,7 @@ def as_mlp(module_or_layers: Union[nn.Module, Sequence, None], *, name: str) -> 
     copied, not detached).
     """
     if isinstance(module_or_layers, nn.Module):
-        return _from_module(module_or_layers, name)
+        return _parse_module(module_or_layers, name)[0]
     if isinstance(module_or_layers, (list, tuple)):
         return _from_list(module_or_layers, name)
     return None
@@ -166,6 +191,7 @@ def as_mlp(module_or_layers: Union[nn.Module, Sequence, None], *, name: str) -> 
 # --- the op -------------------------------------------------------------------------------------------------
 
 _FWD: dict = {}  # backend name -> forward with the mlp_chain_fwd schema
+_BWD: dict = {}  # backend name -> backward with the mlp_chain_bwd schema (others: _chunked_backward)
 _missing: dict = {}
 if _ext.ext is not None and hasattr(torch.ops.tgtfast, "mlp_chain_fwd"):
 
@@ -178,6 +204,14 @@ if _ext.ext is not None and hasattr(torch.ops.tgtfast, "mlp_chain_fwd"):
         return x_new, soft, pert
 
     _FWD["cpp"] = _FWD["cuda"] = torch.ops.tgtfast.mlp_chain_fwd.default
+    if hasattr(torch.ops.tgtfast, "mlp_chain_bwd"):
+
+        @torch.library.register_fake("tgtfast::mlp_chain_bwd")
+        def _mlp_chain_bwd_fake(perturbed, weights, biases, activations, num_decoder_layers, temperature, grad_x,
+                                grad_soft):
+            return torch.empty_like(perturbed)
+
+        _BWD["cpp"] = torch.ops.tgtfast.mlp_chain_bwd.default
     if _ext.built_with_cuda() and not torch._C._dispatch_has_kernel_for_dispatch_key("tgtfast::mlp_chain_fwd", "CUDA"):
         _missing[Backend.CUDA] = "the extension has no CUDA kernel for this op"
 else:
@@ -206,18 +240,37 @@ def _chain(zp: Tensor, dec: Sequence[Layer], lab: Sequence[Layer], temperature: 
     return x, torch.softmax(reference.mlp_forward(x, lab) / temperature, dim=-1)
 
 
+def _chunked_backward(pert, dec, lab, temperature, g_x, g_soft):
+    """Gradient to the perturbed latent with torch ops, recomputing the chain chunk by chunk."""
+    widest = max(w.shape[0] for w, _, _ in list(dec) + list(lab))
+    chunk = max(1, _BACKWARD_CHUNK_FLOATS // widest)
+    grad = torch.empty_like(pert)
+    for start in range(0, pert.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        zc = pert[rows].detach().requires_grad_(True)
+        with torch.enable_grad():
+            x, soft = _chain(zc, dec, lab, temperature)
+        outs, grads = [], []
+        for out, g in ((x, g_x), (soft, g_soft)):
+            if g is not None:
+                outs.append(out)
+                grads.append(g[rows])
+        (grad[rows],) = torch.autograd.grad(outs, zc, grads)
+    return grad
+
+
 class _MlpChain(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, fwd, dec, lab, sigma, seed, offset, temperature):
+    def forward(ctx, z, backend, dec, lab, sigma, seed, offset, temperature):
         layers = list(dec) + list(lab)
         weights = [w for w, _, _ in layers]
         biases = [b for _, b, _ in layers]
         acts = [ACTIVATIONS[a] for _, _, a in layers]
         signed_seed = seed - (1 << 64) if seed >= (1 << 63) else seed
         need = bool(ctx.needs_input_grad[0])
-        x_new, soft, pert = fwd(z, weights, biases, acts, len(dec), float(sigma), signed_seed, int(offset),
-                                float(temperature), need)
-        ctx.dec, ctx.lab, ctx.temperature, ctx.z_dtype = dec, lab, temperature, z.dtype
+        x_new, soft, pert = _FWD[backend](z, weights, biases, acts, len(dec), float(sigma), signed_seed, int(offset),
+                                          float(temperature), need)
+        ctx.dec, ctx.lab, ctx.temperature, ctx.z_dtype, ctx.backend = dec, lab, temperature, z.dtype, backend
         if need:
             ctx.save_for_backward(pert)
         ctx.set_materialize_grads(False)
@@ -228,20 +281,14 @@ class _MlpChain(torch.autograd.Function):
         if g_x is None and g_soft is None:
             return (None,) * 8
         (pert,) = ctx.saved_tensors
-        widest = max(w.shape[0] for w, _, _ in list(ctx.dec) + list(ctx.lab))
-        chunk = max(1, _BACKWARD_CHUNK_FLOATS // widest)
-        grad = torch.empty_like(pert)
-        for start in range(0, pert.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            zc = pert[rows].detach().requires_grad_(True)
-            with torch.enable_grad():
-                x, soft = _chain(zc, ctx.dec, ctx.lab, ctx.temperature)
-            outs, grads = [], []
-            for out, g in ((x, g_x), (soft, g_soft)):
-                if g is not None:
-                    outs.append(out)
-                    grads.append(g[rows].to(torch.float32))
-            (grad[rows],) = torch.autograd.grad(outs, zc, grads)
+        g_x, g_soft = (None if g is None else g.to(torch.float32).contiguous() for g in (g_x, g_soft))
+        bwd = _BWD.get(ctx.backend)
+        if bwd is not None:
+            layers = list(ctx.dec) + list(ctx.lab)
+            grad = bwd(pert, [w for w, _, _ in layers], [b for _, b, _ in layers],
+                       [ACTIVATIONS[a] for _, _, a in layers], len(ctx.dec), float(ctx.temperature), g_x, g_soft)
+        else:
+            grad = _chunked_backward(pert, ctx.dec, ctx.lab, ctx.temperature, g_x, g_soft)
         return grad.to(ctx.z_dtype), None, None, None, None, None, None, None
 
 
@@ -329,4 +376,4 @@ def perturb_decode_label_mlp(
     if chosen is Backend.REFERENCE:
         return reference.perturb_decode_label_mlp(z, dec, lab, sigma=sigma, seed=seed, offset=offset,
                                                   temperature=temperature)
-    return _MlpChain.apply(z.contiguous(), _FWD[chosen.value], dec, lab, sigma, seed, offset, temperature)
+    return _MlpChain.apply(z.contiguous(), chosen.value, dec, lab, sigma, seed, offset, temperature)
