@@ -8,8 +8,7 @@ Triton kernels of the MLP perturb -> decode -> label chain
 
 with one launch per layer: a tiled ``tl.dot`` GEMM whose epilogue adds the bias and applies the activation
 in registers. The first layer draws the noise while it loads its input tile (Philox4x32-10 and Box-Muller of
-``csrc/philox.h``; ``tl.philox`` is that generator with the same constants and key schedule), so no noise
-tensor exists; the decoder's last layer also writes ``x_new`` in the output dtype; the labeler's last layer
+``csrc/philox.h``, through ``kernels/noise.py:normal_at``), so no noise tensor exists; the decoder's last layer also writes ``x_new`` in the output dtype; the labeler's last layer
 applies the tempered softmax in its epilogue when a program's tile spans all ``K`` classes (``K <= 1024``),
 otherwise a row-softmax kernel follows. Between layers the float32 activations of a chunk of rows go through
 global memory (mostly L2 for the chunk sizes used), so this is the per-layer fused variant, not one kernel
@@ -28,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .noise import normal_at
+
 # Rows processed per pass of the whole chain: bounds the float32 hidden buffers to _CHUNK x (widest layer).
 _CHUNK_ROWS = 16384
 _SOFTMAX_FUSED_MAX = 1024
@@ -35,20 +36,9 @@ _SOFTMAX_FUSED_MAX = 1024
 
 @triton.jit
 def _normal(seed, j):
-    """The normal of stream index ``j`` (int64 tensor) under ``seed`` (csrc/philox.h)."""
-    g = j >> 2
-    c0 = (g & 0xFFFFFFFF).to(tl.uint32)
-    c1 = ((g >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    zero = tl.zeros_like(c0)
-    x0, x1, x2, x3 = tl.philox(seed, c0, c1, zero, zero, 10)
-    r = j & 3
-    a = tl.where(r < 2, x0, x2)
-    b = tl.where(r < 2, x1, x3)
-    u1 = ((a >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
-    u2 = ((b >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
-    radius = tl.sqrt(-2.0 * tl.log(u1))
-    theta = 6.283185307179586 * u2
-    return radius * tl.where((r & 1) == 1, tl.sin(theta), tl.cos(theta))
+    """The normal of stream index ``j`` (int64 tensor) under ``seed`` (csrc/philox.h): the package's one Triton
+    noise function (libdevice log/sin/cos on the GPU, so ``-2 log u1`` never rounds below zero)."""
+    return normal_at(seed, j)
 
 
 @triton.jit
@@ -188,6 +178,7 @@ def mlp_chain_fwd(
     B, d = z.shape
     L = len(weights)
     seed = seed % (1 << 64)
+    seed = seed - (1 << 64) if seed >= (1 << 63) else seed  # normal_at takes the 64-bit key as a signed int
     z = z.contiguous()
     x_new = torch.empty((B, weights[num_decoder_layers - 1].shape[0]), device=z.device, dtype=z.dtype)
     soft = torch.empty((B, weights[-1].shape[0]), device=z.device, dtype=z.dtype)
