@@ -100,8 +100,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cpu(
     std::vector<float> buf_a(static_cast<size_t>(kBlockRows * widest)), buf_b(buf_a.size());
     for (int64_t blk = next_block++; blk < blocks; blk = next_block++) {
       const int64_t row0 = blk * kBlockRows, rows = std::min(kBlockRows, B - row0);
-      float* in = buf_a.data();
-      float* spare = buf_b.data();
+      float* const bufs[2] = {buf_a.data(), buf_b.data()};
+      float* in = bufs[0];
       cpu::perturb_block(isa, in, bf16 ? nullptr : z.data_ptr<float>() + row0 * d,
                          bf16 ? reinterpret_cast<const uint16_t*>(z.data_ptr<at::BFloat16>()) + row0 * d : nullptr,
                          row0, rows, d, static_cast<float>(sigma), useed, static_cast<uint64_t>(offset));
@@ -110,8 +110,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cpu(
       for (int64_t l = 0; l < L; ++l) {
         const int64_t out_w = weights[l].size(0);
         const bool last = l == L - 1, decoded = l == num_decoder_layers - 1;
-        // float32 outputs are computed in place in the result; bfloat16 ones in the buffer, then rounded.
-        float* out = spare;
+        // float32 outputs are computed in place in the result; bfloat16 ones in a buffer, then rounded. A layer
+        // never writes the buffer it reads (its input may also be the x_new rows, which are no buffer).
+        float* out = in == bufs[0] ? bufs[1] : bufs[0];
         if (!bf16 && decoded) out = x_new.data_ptr<float>() + row0 * out_w;
         if (!bf16 && last) out = soft.data_ptr<float>() + row0 * out_w;
         auto out_t = at::from_blob(out, {rows, out_w}, fopts);
@@ -122,8 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cpu(
           uint16_t* dst = reinterpret_cast<uint16_t*>((decoded ? x_new : soft).data_ptr<at::BFloat16>()) + row0 * out_w;
           for (int64_t i = 0; i < rows * out_w; ++i) dst[i] = to_bf16_bits(out[i]);
         }
-        if (out == spare) std::swap(in, spare);
-        else in = out;  // the next layer reads the rows just written to x_new
+        in = out;
         in_w = out_w;
       }
     }

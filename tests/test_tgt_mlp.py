@@ -91,6 +91,19 @@ def test_cpu_wide_shapes_and_many_classes(backend):
     check_against_truth(backend, z, dec, lab, sigma=0.2, temperature=2.0)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if HAS_TRITON else []))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("depths", [(1, 3), (3, 2), (3, 4)])
+def test_deep_chains(backend, dtype, depths):
+    # deeper decoders and labelers than the usual two layers each (the activation buffers alternate through
+    # more layers, and the labeler reads the decoder's output rows); the labeler is wider than x_new
+    n_dec, n_lab = depths
+    dec = make_layers([6] + [21] * (n_dec - 1) + [11], ["relu", "sigmoid"])
+    lab = make_layers([11] + [37] * (n_lab - 1) + [7], ["gelu", "relu", "identity"])
+    z = torch.randn(9 if backend == "triton" else 70, 6).to(dtype)
+    check_against_truth(backend, z, dec, lab, grad=backend != "triton")
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_single_layers_no_bias(backend):
     dec = make_layers([5, 9], ["tanh"], bias=False)
