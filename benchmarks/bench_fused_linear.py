@@ -36,6 +36,7 @@ from typing import Dict, List, Optional
 import torch
 
 import tgtfast
+from tgtfast.bench import _peak_rss_bytes as _hwm, _rss_bytes as _rss, _sync  # the package's own measurement
 from tgtfast import reference
 
 VARIANTS = ("eager", "compile", "fused")
@@ -80,24 +81,6 @@ def _fwd_bwd(step, x) -> torch.Tensor:
     loss = step(x)
     loss.backward()
     return loss.detach()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _hwm() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def run_child(variant: str, args: argparse.Namespace, out_path: str) -> Dict:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 import tgtfast
+from tgtfast.bench import _peak_rss_bytes as _peak_rss, _rss_bytes as _rss, _sync  # the package's own measurement
 from tgtfast import _mlp, reference
 
 SIGMA, SEED, TEMPERATURE, LATENT = 0.5, 1234, 2.0, 64
@@ -72,24 +73,6 @@ def available_impls(device: torch.device) -> List[str]:
     avail = tgtfast.backends(_mlp.OP)
     names = ("cpp",) if device.type == "cpu" else ("cuda", "triton")
     return ["eager"] + [f"fused-{b}" for b in names if avail[b] == "available"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def peak_memory_child(impl: str, b: int, k: int, dtype: str, grad: bool) -> int:
