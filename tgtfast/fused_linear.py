@@ -27,6 +27,7 @@ from torch import nn
 from tgtfast import _ops, reference
 from tgtfast.dispatch import Backend, select
 from tgtfast.functional import _REDUCTIONS, CoeffsLike, _as_coeffs, _check_float
+from tgtfast.losses import coeffs_buffer
 
 __all__ = ["fused_linear_ptloss", "FusedLinearPTLoss", "default_chunk_size"]
 
@@ -438,15 +439,7 @@ class FusedLinearPTLoss(nn.Module):
         self.ignore_index = ignore_index
         self.chunk_size = chunk_size
         self.backend = backend
-        if coeffs is None:
-            eta = torch.zeros(0)
-        else:
-            eta = torch.as_tensor(coeffs, dtype=torch.float32) if not isinstance(coeffs, torch.Tensor) else coeffs
-            if not eta.is_floating_point():
-                eta = eta.float()
-            if eta.dim() not in (1, 2):
-                raise ValueError(f"coeffs must have shape [M] or [M, V], got {tuple(eta.shape)}")
-        self.register_buffer("coeffs", eta.detach().clone())
+        self.register_buffer("coeffs", coeffs_buffer(coeffs, "V"))
 
     def forward(
         self,

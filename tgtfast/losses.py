@@ -14,6 +14,18 @@ from tgtfast import functional as F
 __all__ = ["PTLoss", "KDLoss", "LabelSmoothedKDLoss", "FocalKDLoss"]
 
 
+
+def coeffs_buffer(coeffs, classes: str = "K") -> torch.Tensor:
+    """The module-owned copy of PTLoss coefficients: ``[M]`` or ``[M, <classes>]`` floats (empty for ``None``)."""
+    if coeffs is None:
+        return torch.zeros(0)
+    eta = torch.as_tensor(coeffs, dtype=torch.float32) if not isinstance(coeffs, torch.Tensor) else coeffs
+    if not eta.is_floating_point():
+        eta = eta.float()
+    if eta.dim() not in (1, 2):
+        raise ValueError(f"coeffs must have shape [M] or [M, {classes}], got {tuple(eta.shape)}")
+    return eta.detach().clone()
+
 class _DistillLoss(nn.Module):
     def __init__(self, *, temperature: float, teacher_is_logits: bool, reduction: str, ignore_index: int,
                  backend: Optional[str]) -> None:
@@ -60,15 +72,7 @@ class PTLoss(_DistillLoss):
         if isinstance(coeffs, (str, os.PathLike)):
             with open(coeffs) as fh:
                 coeffs = json.load(fh)["coeffs"]
-        if coeffs is None:
-            eta = torch.zeros(0)
-        else:
-            eta = torch.as_tensor(coeffs, dtype=torch.float32) if not isinstance(coeffs, torch.Tensor) else coeffs
-            if not eta.is_floating_point():
-                eta = eta.float()
-            if eta.dim() not in (1, 2):
-                raise ValueError(f"coeffs must have shape [M] or [M, K], got {tuple(eta.shape)}")
-        self.register_buffer("coeffs", eta.detach().clone())
+        self.register_buffer("coeffs", coeffs_buffer(coeffs, "K"))
 
     def forward(self, student_logits: torch.Tensor, teacher: torch.Tensor,
                 target: Optional[torch.Tensor] = None) -> torch.Tensor:
