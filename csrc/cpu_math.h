@@ -51,6 +51,30 @@ static inline float fast_exp(float x) {
   return y;
 }
 
+// exp(x) for float x <= 0, the shifted logits of a softmax: fewer instructions than fast_exp. Inputs
+// below -87.3 give 0, NaN gives NaN; positive inputs are not allowed (they would overflow the exponent).
+static inline float fast_exp_nonpos(float x) {
+  const float lo = -87.33654475055310f;
+  const float xc = lo > x ? lo : x;  // vmaxps(lo, x): NaN passes through
+#if defined(__SSE4_1__) || defined(__aarch64__)
+  const float n = std::nearbyint(xc * 1.44269504088896341f);  // one rounding instruction
+#else
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // no vector round before SSE4.1
+#endif
+  float r = madd(n, -0.693359375f, xc);
+  r = madd(n, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = madd(p, r, 1.3981999507e-3f);
+  p = madd(p, r, 8.3334519073e-3f);
+  p = madd(p, r, 4.1665795894e-2f);
+  p = madd(p, r, 1.6666665459e-1f);
+  p = madd(p, r, 5.0000001201e-1f);
+  p = madd(p, r * r, r) + 1.0f;
+  const float scale = bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  const float y = p * scale;
+  return x < lo ? 0.0f : y;  // NaN compares false and keeps y (NaN)
+}
+
 // log(x) for float: log(0) = -inf, log(x < 0) = NaN, log(inf) = inf, NaN stays NaN.
 // Denormal inputs are treated as 0 (never reached by probabilities that sum to 1 in a meaningful way).
 static inline float fast_log(float x) {
@@ -85,6 +109,7 @@ static inline float fast_log(float x) {
 }
 
 static inline double fast_exp(double x) { return std::exp(x); }
+static inline double fast_exp_nonpos(double x) { return std::exp(x); }
 static inline double fast_log(double x) { return std::log(x); }
 
 }  // namespace cpu

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu_buffers.h"
 #include "ptloss_cpu_kernel.h"
 
 TORCH_LIBRARY(tgtfast, m) {
@@ -51,5 +52,8 @@ std::string cpu_isa() { return tgtfast::cpu::cpu_has_avx2() ? "avx2" : "baseline
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tgtfast compiled kernels (ops are registered under torch.ops.tgtfast)";
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled into this build.");
+  m.def("release_cached_buffers", &tgtfast::release_cached_buffers,
+        "Frees the cached CPU output blocks (csrc/cpu_buffers.cpp); returns the bytes released.");
+  m.def("cached_buffer_bytes", &tgtfast::cached_buffer_bytes, "Bytes held by cached CPU output blocks.");
   m.def("cpu_isa", &cpu_isa, "Instruction set the CPU kernels use on this processor: 'avx2' or 'baseline'.");
 }

@@ -6,10 +6,7 @@
 #include <cstdlib>
 #include <tuple>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
+#include "cpu_buffers.h"
 #include "ptloss_cpu_kernel.h"
 
 namespace tgtfast {
@@ -23,26 +20,6 @@ cpu::DType to_kernel_dtype(at::ScalarType t) {
     case at::kHalf: return cpu::DType::kFloat16;
     default: TORCH_CHECK(false, "ptloss: student dtype must be float32, float64, bfloat16 or float16, got ", t);
   }
-}
-
-// The gradients are as large as the logits and written once. Fresh 4 KiB pages cost a page fault each
-// (on the machines measured, faulting in a new gradient took longer than computing it), so large outputs
-// ask the kernel for transparent huge pages: 512x fewer faults. torch's own allocator does this only
-// when THP_MEM_ALLOC_ENABLE=1 is set.
-at::Tensor empty_huge_like(const at::Tensor& like) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr size_t kHuge = size_t(2) << 20;
-  const size_t nbytes = static_cast<size_t>(like.numel()) * like.element_size();
-  if (nbytes >= 2 * kHuge) {
-    const size_t padded = (nbytes + kHuge - 1) / kHuge * kHuge;
-    void* ptr = nullptr;
-    if (posix_memalign(&ptr, kHuge, padded) == 0) {
-      madvise(ptr, padded, MADV_HUGEPAGE);  // advisory: a refusal only costs speed
-      return at::from_blob(ptr, like.sizes(), [](void* p) { std::free(p); }, like.options());
-    }
-  }
-#endif
-  return at::empty_like(like, at::MemoryFormat::Contiguous);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ptloss_fwd_cpu(
@@ -73,8 +50,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ptloss_fwd_cpu(
   TORCH_CHECK(K > 0 || N == 0, "ptloss: the class dimension must not be empty");
 
   auto loss = at::empty({N}, student.options().dtype(acc));
-  auto grad_s = need_grad_student ? empty_huge_like(student) : at::empty({0}, student.options());
-  auto grad_t = need_grad_teacher ? empty_huge_like(teacher) : at::empty({0}, teacher.options());
+  auto grad_s = need_grad_student ? empty_output_like(student) : at::empty({0}, student.options());
+  auto grad_t = need_grad_teacher ? empty_output_like(teacher) : at::empty({0}, teacher.options());
   if (N == 0) return {loss, grad_s, grad_t};
 
   cpu::PTLossArgs args;

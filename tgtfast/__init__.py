@@ -11,11 +11,13 @@
   generator and labeler (``tgtfast train`` on the command line).
 * :func:`perturb_decode_label`: Teacher Guided Training's perturb -> decode -> label step, with the counter-based
   noise :func:`latent_noise`, the fused :func:`perturb` and :func:`temperature_softmax`.
-* :func:`backends`: which implementations this machine can run, and why not the others.
+* :func:`backends`: which implementations this machine can run, and why not the others;
+  :func:`empty_cpu_cache` frees the gradient blocks the C++ ops keep for reuse.
 * :mod:`tgtfast.reference`: the eager PyTorch specification every backend is tested against.
 """
 
 from tgtfast import _mlp, reference  # _mlp registers the fused MLP chain with the dispatcher
+from tgtfast._ext import empty_cpu_cache
 from tgtfast.dispatch import Backend, backends
 from tgtfast.functional import focal_kd_loss, kd_loss, ptloss
 from tgtfast.fused_linear import FusedLinearPTLoss, fused_linear_ptloss
@@ -35,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend",
     "backends",
+    "empty_cpu_cache",
     "ptloss",
     "kd_loss",
     "focal_kd_loss",
