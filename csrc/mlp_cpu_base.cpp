@@ -7,6 +7,20 @@
 namespace tgtfast {
 namespace cpu {
 
+void pack_b(const float* w, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, float* dst, int64_t p_begin,
+            int64_t p_end) {
+  for (int64_t p = p_begin; p < p_end; ++p) {
+    float* panel = dst + p * k * kGemmPanel;
+    const int64_t j0 = p * kGemmPanel, cols = std::min(kGemmPanel, n - j0);
+    const float* src = w + j0 * stride_n;
+    for (int64_t i = 0; i < k; ++i) {
+      float* out = panel + i * kGemmPanel;
+      for (int64_t c = 0; c < cols; ++c) out[c] = src[c * stride_n + i * stride_k];
+      for (int64_t c = cols; c < kGemmPanel; ++c) out[c] = 0.0f;
+    }
+  }
+}
+
 void perturb_block(const MlpIsa& isa, float* out, const float* z, const uint16_t* z_bf16, int64_t row0, int64_t rows,
                    int64_t cols, float sigma, uint64_t seed, uint64_t offset) {
   constexpr int64_t kChunk = 256;

@@ -35,7 +35,25 @@ struct MlpIsa {
   // out[i] = z[i] + sigma * sqrt(-2 log u1[i]) * (odd[i] ? sin : cos)(2 pi u2[i])   (Box-Muller, csrc/philox.h)
   void (*box_muller)(float* out, const float* u1, const float* u2, const float* z, const uint8_t* odd, int64_t n,
                      float sigma);
+  // c[r, j] = sum_i a[r, i] * w[j, i] for r < rows, j < n, i < k: a row block [rows, k] (row stride lda) times the
+  // transpose of a Linear weight w [n, k] that pack_b copied into b_packed; c has row stride ldc and may not
+  // alias a. Each row's result depends on that row alone (not on `rows` or the row's place in the block).
+  // Null where the instruction set has no GEMM kernel (the baseline build): the launcher uses at::mm_out.
+  void (*gemm)(const float* a, int64_t lda, const float* b_packed, int64_t rows, int64_t n, int64_t k, float* c,
+               int64_t ldc);
 };
+
+// Columns per panel of a packed weight.
+constexpr int64_t kGemmPanel = 16;
+
+// Floats of the packed copy of a [n, k] weight: the columns of w^T rounded up to whole panels.
+inline int64_t packed_b_size(int64_t n, int64_t k) { return (n + kGemmPanel - 1) / kGemmPanel * kGemmPanel * k; }
+
+// Copies the [n, k] matrix w (element (j, i) at w[j * stride_n + i * stride_k]; a Linear weight [n, k] has strides
+// (k, 1), its transpose (1, n)) into panels p = 0, 1, ... of kGemmPanel of its rows, each stored k-major:
+// dst[(p * k + i) * kGemmPanel + c] = w(p * kGemmPanel + c, i), zero past row n. Panels [p_begin, p_end) only.
+void pack_b(const float* w, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, float* dst, int64_t p_begin,
+            int64_t p_end);
 
 MlpIsa mlp_isa_avx2();
 MlpIsa mlp_isa_base();
