@@ -178,7 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cpu(
 
 // Gradient to the perturbed latent. Per block of rows: the forward again, keeping the block's pre- and
 // post-activations of every layer in per-thread buffers, then back through the layers with dA_l = dPre_l W_l
-// and dPre_l = dA_{l+1} * act_l'. With no gradient for the soft labels the labeler is skipped.
+// and dPre_l = dA_{l+1} * act_l'. With no gradient for the soft labels the labeler is skipped. With AVX2 both
+// GEMMs run on weights packed once per call (W^T for the forward, W for the backward).
 at::Tensor mlp_chain_bwd_cpu(const at::Tensor& perturbed, at::TensorList weights,
                              const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
                              int64_t num_decoder_layers, double temperature, const std::optional<at::Tensor>& grad_x,
@@ -232,6 +233,8 @@ at::Tensor mlp_chain_bwd_cpu(const at::Tensor& perturbed, at::TensorList weights
   const int64_t kBlockRows = block_rows();
   const int64_t blocks = (B + kBlockRows - 1) / kBlockRows;
   const auto fopts = perturbed.options();
+  const PackedWeights packed = pack_weights(isa, weights, layers, /*transposed=*/false);
+  const PackedWeights packed_t = pack_weights(isa, weights, layers, /*transposed=*/true);
   std::vector<at::Tensor> wt(L);
   for (int64_t l = 0; l < L; ++l) wt[l] = weights[l].t();
 
@@ -247,8 +250,12 @@ at::Tensor mlp_chain_bwd_cpu(const at::Tensor& perturbed, at::TensorList weights
         const int64_t out_w = weights[l].size(0);
         float* p = pre.data() + kBlockRows * off[l];
         float* q = post.data() + kBlockRows * off[l];
-        auto p_t = at::from_blob(p, {rows, out_w}, fopts);
-        at::mm_out(p_t, at::from_blob(const_cast<float*>(in), {rows, in_w}, fopts), wt[l]);
+        if (isa.gemm != nullptr) {
+          isa.gemm(in, in_w, packed.ptr[l], rows, out_w, in_w, p, out_w);
+        } else {
+          auto p_t = at::from_blob(p, {rows, out_w}, fopts);
+          at::mm_out(p_t, at::from_blob(const_cast<float*>(in), {rows, in_w}, fopts), wt[l]);
+        }
         if (bias_ptr[l] != nullptr) isa.bias_act(p, rows, out_w, out_w, bias_ptr[l], cpu::Act::kIdentity);
         std::copy(p, p + rows * out_w, q);
         isa.bias_act(q, rows, out_w, out_w, nullptr, static_cast<cpu::Act>(activations[l]));
@@ -275,8 +282,12 @@ at::Tensor mlp_chain_bwd_cpu(const at::Tensor& perturbed, at::TensorList weights
         isa.act_grad(g, pre.data() + kBlockRows * off[l], post.data() + kBlockRows * off[l], rows, out_w,
                      static_cast<cpu::Act>(activations[l]));
         float* dst = l == 0 ? grad_z.data_ptr<float>() + row0 * d : spare;
-        auto dst_t = at::from_blob(dst, {rows, in_w_l}, fopts);
-        at::mm_out(dst_t, at::from_blob(g, {rows, out_w}, fopts), weights[l]);
+        if (isa.gemm != nullptr) {
+          isa.gemm(g, out_w, packed_t.ptr[l], rows, in_w_l, out_w, dst, in_w_l);
+        } else {
+          auto dst_t = at::from_blob(dst, {rows, in_w_l}, fopts);
+          at::mm_out(dst_t, at::from_blob(g, {rows, out_w}, fopts), weights[l]);
+        }
         std::swap(g, spare);
       }
     }
