@@ -156,6 +156,20 @@ def test_noise_is_latent_noise(backend, offset):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("offset", [3, 4 * (2**32 - 3) + 1])
+def test_noise_over_many_groups(backend, offset):
+    """Blocks of several hundred noise elements (several chunks and 8-group steps of the C++ generator), from an
+    offset that is not a multiple of 4 and, second case, where the 32-bit low word of the group counter wraps."""
+    d = 7
+    dec = [(torch.eye(d), None, "identity")]
+    lab = make_layers([d, 3], ["identity"])
+    z = torch.randn(150, d)
+    x, _ = perturb_decode_label_mlp(z, dec, lab, sigma=0.8, seed=99, offset=offset, backend=backend)
+    expect = z + 0.8 * reference.latent_noise(z.shape, 99, offset)
+    torch.testing.assert_close(x, expect, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("used", ["x_new", "soft"])
 def test_gradient_through_one_output(backend, used):
     dec = make_layers([5, 12, 7], ["silu", "sigmoid"])
