@@ -1,7 +1,8 @@
 // Row-block pieces of the fused MLP perturb -> decode -> label chain on the CPU: plain C++ on raw float
-// pointers, no torch headers. The GEMMs between them are the launcher's (mlp_cpu.cpp); everything that
-// touches a row block between two GEMMs -- noise and perturbation, bias + activation, the tempered softmax --
-// is here, compiled once per instruction set (mlp_cpu_avx2.cpp, mlp_cpu_base.cpp) like the PTLoss kernel.
+// pointers, no torch headers. Everything that touches a row block -- noise and perturbation, the GEMM of a layer
+// (AVX2 build; the launcher, mlp_cpu.cpp, falls back to at::mm_out elsewhere), bias + activation, the tempered
+// softmax -- is here, compiled once per instruction set (mlp_cpu_avx2.cpp, mlp_cpu_base.cpp) like the PTLoss
+// kernel.
 #pragma once
 
 #include <cstdint>
