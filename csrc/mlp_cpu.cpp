@@ -5,7 +5,9 @@
 // the block followed by bias + activation while the block is still in cache, the decoder's output written
 // to x_new, and the labeler's logits turned into the tempered softmax in place. The block's hidden
 // activations live in two per-thread buffers of kBlockRows x (widest layer) floats that are reused for every
-// block: nothing of size [B, hidden] is allocated. Inside at::parallel_for the GEMMs run single-threaded.
+// block: nothing of size [B, hidden] is allocated. The GEMMs run single-threaded inside at::parallel_for: with
+// AVX2 the package's own kernel (isa.gemm) on weights copied into its panel layout once per call, so that no
+// block pays for repacking a weight or for a dispatcher call; elsewhere at::mm_out.
 // Threads take blocks from a shared counter rather than a fixed half each, so that a thread slowed down by
 // another process on its core does not hold the others up.
 #include <ATen/ATen.h>
@@ -34,6 +36,44 @@ int64_t block_rows() {
     return v >= 1 && v <= 4096 ? static_cast<int64_t>(v) : int64_t{64};
   }();
   return rows;
+}
+
+// The layers' weights copied once per call into the panels of isa.gemm (csrc/mlp_cpu_kernel.h), as B = W^T
+// (forward: [rows, in] x W^T) or, with `transposed`, as B = W (backward: [rows, out] x W). Panels are copied in
+// parallel. Empty (storage undefined) where the instruction set has no GEMM kernel: the launchers then use
+// at::mm_out.
+struct PackedWeights {
+  at::Tensor storage;
+  std::vector<const float*> ptr;
+};
+
+PackedWeights pack_weights(const cpu::MlpIsa& isa, at::TensorList weights, int64_t layers, bool transposed) {
+  PackedWeights out;
+  if (isa.gemm == nullptr) return out;
+  std::vector<int64_t> off(layers + 1, 0), first_panel(layers + 1, 0);
+  for (int64_t l = 0; l < layers; ++l) {
+    const int64_t rows_w = weights[l].size(0), cols_w = weights[l].size(1);
+    const int64_t n = transposed ? cols_w : rows_w, k = transposed ? rows_w : cols_w;
+    off[l + 1] = off[l] + (cpu::packed_b_size(n, k) + 15) / 16 * 16;  // 64-byte aligned panels
+    first_panel[l + 1] = first_panel[l] + (n + cpu::kGemmPanel - 1) / cpu::kGemmPanel;
+  }
+  out.storage = at::empty({std::max<int64_t>(off[layers], 1)}, weights[0].options());
+  float* base = out.storage.data_ptr<float>();
+  for (int64_t l = 0; l < layers; ++l) out.ptr.push_back(base + off[l]);
+  at::parallel_for(0, first_panel[layers], 1, [&](int64_t begin, int64_t end) {
+    for (int64_t l = 0; l < layers; ++l) {
+      const int64_t p0 = std::max(begin, first_panel[l]), p1 = std::min(end, first_panel[l + 1]);
+      if (p0 >= p1) continue;
+      const float* w = weights[l].data_ptr<float>();
+      const int64_t rows_w = weights[l].size(0), cols_w = weights[l].size(1);
+      if (transposed) {
+        cpu::pack_b(w, cols_w, rows_w, 1, cols_w, base + off[l], p0 - first_panel[l], p1 - first_panel[l]);
+      } else {
+        cpu::pack_b(w, rows_w, cols_w, cols_w, 1, base + off[l], p0 - first_panel[l], p1 - first_panel[l]);
+      }
+    }
+  });
+  return out;
 }
 
 uint16_t to_bf16_bits(float f) {
@@ -86,9 +126,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cpu(
   auto perturbed = need_perturbed ? at::empty({B, d}, z.options().dtype(at::kFloat)) : at::empty({0}, z.options());
   if (B == 0) return {x_new, soft, perturbed};
 
-  std::vector<at::Tensor> wt(L);
-  for (int64_t l = 0; l < L; ++l) wt[l] = weights[l].t();  // [in, out] views: the GEMM reads W transposed
   const cpu::MlpIsa isa = cpu::cpu_has_avx2() ? cpu::mlp_isa_avx2() : cpu::mlp_isa_base();
+  const PackedWeights packed = pack_weights(isa, weights, L, /*transposed=*/false);
+  std::vector<at::Tensor> wt(L);
+  for (int64_t l = 0; l < L; ++l) wt[l] = weights[l].t();  // [in, out] views for at::mm_out
   const float inv_t = static_cast<float>(1.0 / temperature);
   const uint64_t useed = static_cast<uint64_t>(seed);
   const int64_t kBlockRows = block_rows();
@@ -115,8 +156,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cpu(
         float* out = in == bufs[0] ? bufs[1] : bufs[0];
         if (!bf16 && decoded) out = x_new.data_ptr<float>() + row0 * out_w;
         if (!bf16 && last) out = soft.data_ptr<float>() + row0 * out_w;
-        auto out_t = at::from_blob(out, {rows, out_w}, fopts);
-        at::mm_out(out_t, at::from_blob(in, {rows, in_w}, fopts), wt[l]);
+        if (isa.gemm != nullptr) {
+          isa.gemm(in, in_w, packed.ptr[l], rows, out_w, in_w, out, out_w);
+        } else {
+          auto out_t = at::from_blob(out, {rows, out_w}, fopts);
+          at::mm_out(out_t, at::from_blob(in, {rows, in_w}, fopts), wt[l]);
+        }
         isa.bias_act(out, rows, out_w, out_w, bias_ptr[l], static_cast<cpu::Act>(activations[l]));
         if (last) isa.softmax(out, rows, out_w, out_w, inv_t);
         if (bf16 && (decoded || last)) {
@@ -133,7 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cpu(
 
 // Gradient to the perturbed latent. Per block of rows: the forward again, keeping the block's pre- and
 // post-activations of every layer in per-thread buffers, then back through the layers with dA_l = dPre_l W_l
-// and dPre_l = dA_{l+1} * act_l'. With no gradient for the soft labels the labeler is skipped.
+// and dPre_l = dA_{l+1} * act_l'. With no gradient for the soft labels the labeler is skipped. With AVX2 both
+// GEMMs run on weights packed once per call (W^T for the forward, W for the backward).
 at::Tensor mlp_chain_bwd_cpu(const at::Tensor& perturbed, at::TensorList weights,
                              const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
                              int64_t num_decoder_layers, double temperature, const std::optional<at::Tensor>& grad_x,
@@ -187,6 +233,8 @@ at::Tensor mlp_chain_bwd_cpu(const at::Tensor& perturbed, at::TensorList weights
   const int64_t kBlockRows = block_rows();
   const int64_t blocks = (B + kBlockRows - 1) / kBlockRows;
   const auto fopts = perturbed.options();
+  const PackedWeights packed = pack_weights(isa, weights, layers, /*transposed=*/false);
+  const PackedWeights packed_t = pack_weights(isa, weights, layers, /*transposed=*/true);
   std::vector<at::Tensor> wt(L);
   for (int64_t l = 0; l < L; ++l) wt[l] = weights[l].t();
 
@@ -202,8 +250,12 @@ at::Tensor mlp_chain_bwd_cpu(const at::Tensor& perturbed, at::TensorList weights
         const int64_t out_w = weights[l].size(0);
         float* p = pre.data() + kBlockRows * off[l];
         float* q = post.data() + kBlockRows * off[l];
-        auto p_t = at::from_blob(p, {rows, out_w}, fopts);
-        at::mm_out(p_t, at::from_blob(const_cast<float*>(in), {rows, in_w}, fopts), wt[l]);
+        if (isa.gemm != nullptr) {
+          isa.gemm(in, in_w, packed.ptr[l], rows, out_w, in_w, p, out_w);
+        } else {
+          auto p_t = at::from_blob(p, {rows, out_w}, fopts);
+          at::mm_out(p_t, at::from_blob(const_cast<float*>(in), {rows, in_w}, fopts), wt[l]);
+        }
         if (bias_ptr[l] != nullptr) isa.bias_act(p, rows, out_w, out_w, bias_ptr[l], cpu::Act::kIdentity);
         std::copy(p, p + rows * out_w, q);
         isa.bias_act(q, rows, out_w, out_w, nullptr, static_cast<cpu::Act>(activations[l]));
@@ -230,8 +282,12 @@ at::Tensor mlp_chain_bwd_cpu(const at::Tensor& perturbed, at::TensorList weights
         isa.act_grad(g, pre.data() + kBlockRows * off[l], post.data() + kBlockRows * off[l], rows, out_w,
                      static_cast<cpu::Act>(activations[l]));
         float* dst = l == 0 ? grad_z.data_ptr<float>() + row0 * d : spare;
-        auto dst_t = at::from_blob(dst, {rows, in_w_l}, fopts);
-        at::mm_out(dst_t, at::from_blob(g, {rows, out_w}, fopts), weights[l]);
+        if (isa.gemm != nullptr) {
+          isa.gemm(g, out_w, packed_t.ptr[l], rows, in_w_l, out_w, dst, in_w_l);
+        } else {
+          auto dst_t = at::from_blob(dst, {rows, in_w_l}, fopts);
+          at::mm_out(dst_t, at::from_blob(g, {rows, out_w}, fopts), weights[l]);
+        }
         std::swap(g, spare);
       }
     }

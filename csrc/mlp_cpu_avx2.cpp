@@ -2,6 +2,7 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC target("avx2,fma")
 #define TGTFAST_MLP_ISA mlp_isa_avx2
+#define TGTFAST_MLP_AVX2 1  // the target pragma does not define __AVX2__ for the preprocessor
 #include "mlp_cpu_kernel.inc"
 #else
 #include "mlp_cpu_kernel.h"

@@ -1,7 +1,8 @@
 // Row-block pieces of the fused MLP perturb -> decode -> label chain on the CPU: plain C++ on raw float
-// pointers, no torch headers. The GEMMs between them are the launcher's (mlp_cpu.cpp); everything that
-// touches a row block between two GEMMs -- noise and perturbation, bias + activation, the tempered softmax --
-// is here, compiled once per instruction set (mlp_cpu_avx2.cpp, mlp_cpu_base.cpp) like the PTLoss kernel.
+// pointers, no torch headers. Everything that touches a row block -- noise and perturbation, the GEMM of a layer
+// (AVX2 build; the launcher, mlp_cpu.cpp, falls back to at::mm_out elsewhere), bias + activation, the tempered
+// softmax -- is here, compiled once per instruction set (mlp_cpu_avx2.cpp, mlp_cpu_base.cpp) like the PTLoss
+// kernel.
 #pragma once
 
 #include <cstdint>
@@ -21,6 +22,9 @@ enum class Act : int64_t {
 };
 constexpr int64_t kNumActs = 7;
 
+// Elements per call of MlpIsa::perturb_chunk.
+constexpr int64_t kNoiseChunk = 256;
+
 struct MlpIsa {
   // y[r, c] = act(y[r, c] + bias[c]) for r < rows, c < cols; row stride ld; bias may be null.
   void (*bias_act)(float* y, int64_t rows, int64_t cols, int64_t ld, const float* bias, Act act);
@@ -32,17 +36,34 @@ struct MlpIsa {
   // all [rows, cols] with row stride cols; `out` may not alias the others.
   void (*softmax_grad)(float* out, const float* logits, const float* g, int64_t rows, int64_t cols,
                        float inv_temperature);
-  // out[i] = z[i] + sigma * sqrt(-2 log u1[i]) * (odd[i] ? sin : cos)(2 pi u2[i])   (Box-Muller, csrc/philox.h)
-  void (*box_muller)(float* out, const float* u1, const float* u2, const float* z, const uint8_t* odd, int64_t n,
-                     float sigma);
+  // out[i] = z[i] + sigma * normal(seed, first + i) for i < n <= kNoiseChunk (the Philox normals of csrc/philox.h)
+  void (*perturb_chunk)(float* out, const float* z, int64_t n, uint64_t seed, uint64_t first, float sigma);
+  // c[r, j] = sum_i a[r, i] * w[j, i] for r < rows, j < n, i < k: a row block [rows, k] (row stride lda) times the
+  // transpose of a Linear weight w [n, k] that pack_b copied into b_packed; c has row stride ldc and may not
+  // alias a. Each row's result depends on that row alone (not on `rows` or the row's place in the block).
+  // Null where the instruction set has no GEMM kernel (the baseline build): the launcher uses at::mm_out.
+  void (*gemm)(const float* a, int64_t lda, const float* b_packed, int64_t rows, int64_t n, int64_t k, float* c,
+               int64_t ldc);
 };
+
+// Columns per panel of a packed weight.
+constexpr int64_t kGemmPanel = 16;
+
+// Floats of the packed copy of a [n, k] weight: the columns of w^T rounded up to whole panels.
+inline int64_t packed_b_size(int64_t n, int64_t k) { return (n + kGemmPanel - 1) / kGemmPanel * kGemmPanel * k; }
+
+// Copies the [n, k] matrix w (element (j, i) at w[j * stride_n + i * stride_k]; a Linear weight [n, k] has strides
+// (k, 1), its transpose (1, n)) into panels p = 0, 1, ... of kGemmPanel of its rows, each stored k-major:
+// dst[(p * k + i) * kGemmPanel + c] = w(p * kGemmPanel + c, i), zero past row n. Panels [p_begin, p_end) only.
+void pack_b(const float* w, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, float* dst, int64_t p_begin,
+            int64_t p_end);
 
 MlpIsa mlp_isa_avx2();
 MlpIsa mlp_isa_base();
 
 // out[r, c] = z[r, c] + sigma * normal(seed, offset + (row0 + r) * cols + c) for a block of `rows` rows of the
 // [*, cols] latent (csrc/philox.h). `z` is float32 (z_bf16 == nullptr) or bfloat16 bits (z == nullptr).
-// The Philox words are drawn here (one call per four elements), the Box-Muller step by isa.box_muller.
+// In chunks of kNoiseChunk elements through isa.perturb_chunk.
 void perturb_block(const MlpIsa& isa, float* out, const float* z, const uint16_t* z_bf16, int64_t row0, int64_t rows,
                    int64_t cols, float sigma, uint64_t seed, uint64_t offset);
 

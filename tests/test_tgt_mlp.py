@@ -105,6 +105,37 @@ def test_deep_chains(backend, dtype, depths):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_benchmark_widths(backend, dtype):
+    # the benchmark teacher's widths: inner widths above 256 (the C++ GEMM sums them in chunks of 256), outputs in
+    # whole panels of 16 columns (256, 784) and in a partial one (10), 70 rows (strips of 6 rows, a ragged block)
+    dec = make_layers([64, 256, 784], ["relu", "sigmoid"])
+    lab = make_layers([784, 256, 10], ["relu", "identity"])
+    z = torch.randn(70, 64).to(dtype)
+    check_against_truth(backend, z, dec, lab, sigma=0.3)
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS or tgtfast._ext.ext.cpu_isa() != "avx2",
+                    reason="the package's GEMM runs with the C++ backend on AVX2 processors (elsewhere at::mm_out)")
+def test_cpp_rows_do_not_depend_on_their_place_in_the_batch():
+    # a row's outputs are bitwise the same wherever it sits in the row blocks and strips of the GEMM and however
+    # many threads run: z[5:] drawn at the matching offset gives the rows 5: of the full batch
+    dec = make_layers([9, 300, 45], ["gelu_tanh", "sigmoid"])
+    lab = make_layers([45, 270, 17], ["silu", "identity"])
+    z = torch.randn(150, 9)
+    kw = dict(sigma=0.6, seed=21, temperature=0.9, backend="cpp")
+    full = perturb_decode_label_mlp(z, dec, lab, **kw)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        tail = perturb_decode_label_mlp(z[5:].clone(), dec, lab, offset=5 * 9, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(full, tail):
+        assert torch.equal(a[5:], b)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_single_layers_no_bias(backend):
     dec = make_layers([5, 9], ["tanh"], bias=False)
     lab = make_layers([9, 3], ["identity"], bias=False)
@@ -121,6 +152,20 @@ def test_noise_is_latent_noise(backend, offset):
     z = torch.randn(37, d)
     x, _ = perturb_decode_label_mlp(z, dec, lab, sigma=0.5, seed=2**63 + 17, offset=offset, backend=backend)
     expect = z + 0.5 * reference.latent_noise(z.shape, 2**63 + 17, offset)
+    torch.testing.assert_close(x, expect, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("offset", [3, 4 * (2**32 - 3) + 1])
+def test_noise_over_many_groups(backend, offset):
+    """Blocks of several hundred noise elements (several chunks and 8-group steps of the C++ generator), from an
+    offset that is not a multiple of 4 and, second case, where the 32-bit low word of the group counter wraps."""
+    d = 7
+    dec = [(torch.eye(d), None, "identity")]
+    lab = make_layers([d, 3], ["identity"])
+    z = torch.randn(150, d)
+    x, _ = perturb_decode_label_mlp(z, dec, lab, sigma=0.8, seed=99, offset=offset, backend=backend)
+    expect = z + 0.8 * reference.latent_noise(z.shape, 99, offset)
     torch.testing.assert_close(x, expect, rtol=1e-6, atol=1e-6)
 
 

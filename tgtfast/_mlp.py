@@ -8,7 +8,8 @@ runs as a fused kernel chain that draws the noise in place (the counter-based ge
 :func:`tgtfast.reference.latent_noise`); no noise tensor and no logits tensor is materialised.
 
 * CPU (C++): blocks of 64 rows in parallel; the block's hidden activations stay in two per-thread buffers that
-  live in cache, and only ``x_new`` and ``soft`` are written to memory.
+  live in cache, and only ``x_new`` and ``soft`` are written to memory. On AVX2 processors the GEMMs are the
+  package's own kernel on weights copied once per call into its panel layout (elsewhere ``at::mm_out``).
 * GPU (CUDA and Triton): one launch per layer, each a tiled GEMM with bias and activation fused in its epilogue,
   the noise fused into the first layer's input loads and the softmax into the last layer (or a row kernel);
   the float32 hidden activations of a chunk of at most 16384 rows pass through global memory (L2) between
