@@ -56,7 +56,7 @@ static inline float fast_exp(float x) {
 static inline float fast_exp_nonpos(float x) {
   const float lo = -87.33654475055310f;
   const float xc = lo > x ? lo : x;  // vmaxps(lo, x): NaN passes through
-#if defined(__SSE4_1__) || defined(__aarch64__)
+#if defined(__SSE4_1__) || defined(__aarch64__) || defined(TGTFAST_CPU_SSE41)
   const float n = std::nearbyint(xc * 1.44269504088896341f);  // one rounding instruction
 #else
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // no vector round before SSE4.1

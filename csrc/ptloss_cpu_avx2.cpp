@@ -1,6 +1,7 @@
 // The CPU PTLoss kernel built for x86-64 processors with AVX2 and FMA (chosen at run time).
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC target("avx2,fma")
+#define TGTFAST_CPU_SSE41 1  // the target pragma does not define __SSE4_1__ for the preprocessor
 #define TGTFAST_ISA_NAME ptloss_rows_avx2
 #include "ptloss_cpu_kernel.inc"
 #else
