@@ -71,7 +71,7 @@ def test_at_most_two_blocks_are_kept():
     tgtfast.empty_cpu_cache()
 
 
-def test_cache_can_be_turned_off():
+def test_cache_can_be_turned_off(tmp_path):
     code = (
         "import torch, tgtfast\n"
         "from tgtfast import _ext\n"
@@ -81,7 +81,9 @@ def test_cache_can_be_turned_off():
         "print(_ext.ext.cached_buffer_bytes())\n"
     )
     env = dict(os.environ, TGTFAST_CPU_CACHE_MB="0")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    # cwd outside the checkout: the child must import the installed package, not the source tree
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "0"
 
