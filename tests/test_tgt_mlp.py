@@ -360,7 +360,7 @@ def _fused_counts():
 
 
 # (widths d, H1, X, H2, K; rows; activations; biases): ragged everywhere; X and K within one column tile and over
-# several; the last case pads H1 to 256 (the wide block configuration: 16-row blocks, 32-column x chunks)
+# several; the last case pads H1 to 256 (the wide block configuration: 16-row blocks, 16-column x chunks)
 _FUSED_CASES = [
     ((5, 17, 37, 19, 7), 33, ["relu", "sigmoid", "gelu", "identity"], True),
     ((3, 16, 70, 9, 150), 40, ["silu", "gelu_tanh", "tanh", "relu"], False),
