@@ -6,13 +6,23 @@ Triton kernels of the MLP perturb -> decode -> label chain
 
     x_new = decoder(z + sigma * noise(seed, offset))        soft = softmax(labeler(x_new) / temperature)
 
+The common teacher shape, a 2-layer decoder ``d -> H1 -> X`` and a 2-layer labeler ``X -> H2 -> K`` (any
+activations, biases optional) with ``d``, ``H1`` and ``H2`` at most ``FUSED_MAX_WIDTH`` after padding to a power of
+two (``X`` and ``K`` of any size), runs as ONE kernel, ``_chain_kernel``: each program takes a block of rows,
+draws the noise for its ``z`` tile, keeps ``h1`` in registers, computes ``x_new`` in chunks of columns (each
+chunk written once in the output dtype and at once multiplied into the labeler's first layer, so ``x_new`` is
+never read back), keeps ``h2`` in registers and writes the tempered softmax, over the classes in one go when they
+fit one tile and otherwise with an online max/sum pass followed by a pass that recomputes each logit chunk from
+``h2``. Only ``x_new``, the soft labels (and the perturbed latents when asked) reach global memory.
+``chain_path`` tells which path a chain takes; ``launch_counts`` counts the calls of each.
+
+Every other chain (other depths, or a hidden width above ``FUSED_MAX_WIDTH``) runs
 with one launch per layer: a tiled ``tl.dot`` GEMM whose epilogue adds the bias and applies the activation
 in registers. The first layer draws the noise while it loads its input tile (Philox4x32-10 and Box-Muller of
 ``csrc/philox.h``, through ``kernels/noise.py:normal_at``), so no noise tensor exists; the decoder's last layer also writes ``x_new`` in the output dtype; the labeler's last layer
 applies the tempered softmax in its epilogue when a program's tile spans all ``K`` classes (``K <= 1024``),
 otherwise a row-softmax kernel follows. Between layers the float32 activations of a chunk of rows go through
-global memory (mostly L2 for the chunk sizes used), so this is the per-layer fused variant, not one kernel
-that keeps every hidden layer on chip.
+global memory (mostly L2 for the chunk sizes used) on this per-layer path.
 
 Float32 dots use ``input_precision="tf32x3"`` on the GPU (float32 accuracy from tensor cores); bfloat16 inputs
 are read as float32. Activation codes are those of ``tgtfast/_mlp.py`` (``ACTIVATIONS``).
@@ -136,6 +146,116 @@ def _softmax_kernel(x_ptr, out_ptr, N, inv_t, BLOCK: tl.constexpr):
         tl.store(out_ptr + row * N + c0 + cols, _to_dtype(tl.exp(u - m) / s, out_ptr.dtype.element_ty), mask=ok)
 
 
+# Widths held whole in registers by the fused chain kernel (d, H1 and H2 after padding to a power of two >= 16).
+FUSED_MAX_WIDTH = 256
+
+# Launches per path since import: {"fused": n, "per_layer": n} (one count per mlp_chain_fwd call that launches).
+launch_counts = {"fused": 0, "per_layer": 0}
+
+
+@triton.jit
+def _chain_kernel(
+    z_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr, x_ptr, soft_ptr, pert_ptr,
+    M, D, H1, X, H2, K,
+    sigma, seed, noise_base, inv_t,
+    ACT1: tl.constexpr, ACT2: tl.constexpr, ACT3: tl.constexpr, ACT4: tl.constexpr,
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_B3: tl.constexpr, HAS_B4: tl.constexpr,
+    WRITE_PERT: tl.constexpr, ONE_PASS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr,
+    BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The whole chain for BLOCK_M rows: zp = z + sigma * noise; h1 = act1(zp W1^T + b1);
+    x = act2(h1 W2^T + b2) (stored in x_ptr's dtype, BLOCK_X columns at a time, each chunk also accumulated into
+    the labeler's first layer); h2 = act3(x W3^T + b3); soft = softmax(act4(h2 W4^T + b4) * inv_t), BLOCK_K
+    classes at a time (ONE_PASS when K <= BLOCK_K, else an online max/sum pass and a pass that recomputes the
+    logits). W_l are float32 [out, in] contiguous; D <= BLOCK_D, H1 <= BLOCK_H1, H2 <= BLOCK_H2."""
+    pid = tl.program_id(0)
+    rm = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    m_ok = rm < M
+    rd = tl.arange(0, BLOCK_D)
+    d_ok = rd < D
+    rh1 = tl.arange(0, BLOCK_H1)
+    h1_ok = rh1 < H1
+    rh2 = tl.arange(0, BLOCK_H2)
+    h2_ok = rh2 < H2
+
+    # 1. perturbed latent tile
+    z_mask = m_ok[:, None] & d_ok[None, :]
+    z_idx = rm[:, None] * D + rd[None, :]
+    zp = tl.load(z_ptr + z_idx, mask=z_mask, other=0.0).to(tl.float32)
+    zp = tl.where(z_mask, zp + sigma * _normal(seed, noise_base + z_idx), 0.0)
+    if WRITE_PERT:
+        tl.store(pert_ptr + z_idx, zp, mask=z_mask)
+
+    # 2. decoder hidden layer, kept in registers
+    wt1 = tl.load(w1_ptr + rh1[None, :] * D + rd[:, None], mask=h1_ok[None, :] & d_ok[:, None], other=0.0)
+    h1 = tl.dot(zp, wt1, input_precision=PRECISION)
+    if HAS_B1:
+        h1 += tl.load(b1_ptr + rh1, mask=h1_ok, other=0.0)[None, :]
+    h1 = tl.where(h1_ok[None, :], _activate(h1, ACT1), 0.0)
+
+    # 3. decoder output chunk by chunk, folded into the labeler's hidden layer
+    acc2 = tl.zeros((BLOCK_M, BLOCK_H2), dtype=tl.float32)
+    for x0 in range(0, X, BLOCK_X):
+        rx = x0 + tl.arange(0, BLOCK_X)
+        x_ok = rx < X
+        wt2 = tl.load(w2_ptr + rx.to(tl.int64)[None, :] * H1 + rh1[:, None], mask=x_ok[None, :] & h1_ok[:, None],
+                    other=0.0)
+        xc = tl.dot(h1, wt2, input_precision=PRECISION)
+        if HAS_B2:
+            xc += tl.load(b2_ptr + rx, mask=x_ok, other=0.0)[None, :]
+        xc = tl.where(x_ok[None, :], _activate(xc, ACT2), 0.0)
+        tl.store(x_ptr + rm[:, None] * X + rx[None, :], _to_dtype(xc, x_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & x_ok[None, :])
+        wt3 = tl.load(w3_ptr + rh2.to(tl.int64)[None, :] * X + rx[:, None], mask=h2_ok[None, :] & x_ok[:, None],
+                    other=0.0)
+        acc2 = tl.dot(xc, wt3, acc2, input_precision=PRECISION)
+    if HAS_B3:
+        acc2 += tl.load(b3_ptr + rh2, mask=h2_ok, other=0.0)[None, :]
+    h2 = tl.where(h2_ok[None, :], _activate(acc2, ACT3), 0.0)
+
+    # 4. tempered softmax of the logits
+    rk0 = tl.arange(0, BLOCK_K)
+    if ONE_PASS:  # K <= BLOCK_K
+        k_ok = rk0 < K
+        wt4 = tl.load(w4_ptr + rk0[None, :] * H2 + rh2[:, None], mask=k_ok[None, :] & h2_ok[:, None], other=0.0)
+        lg = tl.dot(h2, wt4, input_precision=PRECISION)
+        if HAS_B4:
+            lg += tl.load(b4_ptr + rk0, mask=k_ok, other=0.0)[None, :]
+        u = tl.where(k_ok[None, :], _activate(lg, ACT4) * inv_t, float("-inf"))
+        e = tl.exp(u - tl.max(u, axis=1)[:, None])
+        p = e / tl.sum(e, axis=1)[:, None]
+        tl.store(soft_ptr + rm[:, None] * K + rk0[None, :], _to_dtype(p, soft_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & k_ok[None, :])
+    else:
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        s_i = tl.zeros((BLOCK_M,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + rk0
+            k_ok = rk < K
+            wt4 = tl.load(w4_ptr + rk.to(tl.int64)[None, :] * H2 + rh2[:, None], mask=k_ok[None, :] & h2_ok[:, None],
+                        other=0.0)
+            lg = tl.dot(h2, wt4, input_precision=PRECISION)
+            if HAS_B4:
+                lg += tl.load(b4_ptr + rk, mask=k_ok, other=0.0)[None, :]
+            u = tl.where(k_ok[None, :], _activate(lg, ACT4) * inv_t, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(u, axis=1))
+            s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(u - m_new[:, None]), axis=1)
+            m_i = m_new
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + rk0
+            k_ok = rk < K
+            wt4 = tl.load(w4_ptr + rk.to(tl.int64)[None, :] * H2 + rh2[:, None], mask=k_ok[None, :] & h2_ok[:, None],
+                        other=0.0)
+            lg = tl.dot(h2, wt4, input_precision=PRECISION)
+            if HAS_B4:
+                lg += tl.load(b4_ptr + rk, mask=k_ok, other=0.0)[None, :]
+            u = _activate(lg, ACT4) * inv_t
+            p = tl.exp(u - m_i[:, None]) / s_i[:, None]
+            tl.store(soft_ptr + rm[:, None] * K + rk[None, :], _to_dtype(p, soft_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & k_ok[None, :])
+
+
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -168,6 +288,51 @@ def _linear(x, w, b, act, out_dtype_buf, *, noise=None, pert=None, softmax_t=Non
     return y
 
 
+def _fused_block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _fused_config(widest: int) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_M, num_warps, num_stages, BLOCK_X, BLOCK_K) of the fused chain for the widest padded width held in
+    registers, chosen so that ptxas (sm_80, sm_90) spills nothing up to 64 columns and a few dozen bytes at 256.
+    Tiles of 128 or 256 columns take 16 rows, 16-column x chunks and no multi-buffering of the weight tiles
+    (about 100 KB of shared memory: within the 164 KB of an A100)."""
+    if widest >= 128:
+        return 16, 8, 1, 16, 64
+    return 32, 8, 2, 64, 128
+
+
+def chain_path(widths: Sequence[int], num_decoder_layers: int) -> str:
+    """``"fused"`` when the chain given by its layer ``widths`` ``[d, H1, X, H2, K]`` (input width, then each
+    layer's output width) is run by the one-kernel chain (a 2-layer decoder and a 2-layer labeler whose hidden
+    widths and ``d`` fit ``FUSED_MAX_WIDTH`` after padding), else ``"per_layer"``."""
+    if len(widths) != 5 or num_decoder_layers != 2:
+        return "per_layer"
+    d, h1, _, h2, _ = widths
+    return "fused" if max(_fused_block(d), _fused_block(h1), _fused_block(h2)) <= FUSED_MAX_WIDTH else "per_layer"
+
+
+def _chain_fused(z, weights, biases, activations, x_new, soft, pert, sigma, seed, offset, temperature):
+    """One launch of ``_chain_kernel`` over all rows (z contiguous, weights float32 [out, in] contiguous)."""
+    B, d = z.shape
+    h1, x_w, h2, k = (w.shape[0] for w in weights)
+    block_d, block_h1, block_h2 = _fused_block(d), _fused_block(h1), _fused_block(h2)
+    block_m, num_warps, num_stages, block_x, block_k = _fused_config(max(block_d, block_h1, block_h2))
+    block_k = min(block_k, _fused_block(k))
+    b = [bi if bi is not None else weights[0] for bi in biases]
+    _chain_kernel[(triton.cdiv(B, block_m),)](
+        z, weights[0], b[0], weights[1], b[1], weights[2], b[2], weights[3], b[3], x_new, soft,
+        pert if pert is not None else x_new,
+        B, d, h1, x_w, h2, k, float(sigma), seed, int(offset), 1.0 / temperature,
+        ACT1=int(activations[0]), ACT2=int(activations[1]), ACT3=int(activations[2]), ACT4=int(activations[3]),
+        HAS_B1=biases[0] is not None, HAS_B2=biases[1] is not None, HAS_B3=biases[2] is not None,
+        HAS_B4=biases[3] is not None, WRITE_PERT=pert is not None, ONE_PASS=k <= block_k,
+        PRECISION="ieee" if _interpret() else "tf32x3",
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2, BLOCK_X=block_x,
+        BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+    )
+
+
 def mlp_chain_fwd(
     z: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
     activations: Sequence[int], num_decoder_layers: int, sigma: float, seed: int, offset: int,
@@ -184,6 +349,14 @@ def mlp_chain_fwd(
     soft = torch.empty((B, weights[-1].shape[0]), device=z.device, dtype=z.dtype)
     pert = torch.empty((B, d), device=z.device, dtype=torch.float32) if need_perturbed else z.new_empty((0,))
     K = weights[-1].shape[0]
+    if B == 0:
+        return x_new, soft, pert
+    if chain_path([d] + [w.shape[0] for w in weights], num_decoder_layers) == "fused":
+        launch_counts["fused"] += 1
+        _chain_fused(z, weights, biases, activations, x_new, soft, pert if need_perturbed else None,
+                     sigma, seed, offset, temperature)
+        return x_new, soft, pert
+    launch_counts["per_layer"] += 1
     for row0 in range(0, B, _CHUNK_ROWS):
         rows = slice(row0, min(B, row0 + _CHUNK_ROWS))
         h = z[rows]

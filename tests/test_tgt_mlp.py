@@ -353,6 +353,80 @@ def test_triton_activations_and_separate_softmax():
     check_against_truth("triton", z, dec, lab, temperature=0.5, device=device)
 
 
+
+def _fused_counts():
+    from tgtfast.kernels import mlp as kernels
+    return dict(kernels.launch_counts)
+
+
+# (widths d, H1, X, H2, K; rows; activations; biases): ragged everywhere; X and K within one column tile and over
+# several; the last case pads H1 to 256 (the wide block configuration: 16-row blocks, 16-column x chunks)
+_FUSED_CASES = [
+    ((5, 17, 37, 19, 7), 33, ["relu", "sigmoid", "gelu", "identity"], True),
+    ((3, 16, 70, 9, 150), 40, ["silu", "gelu_tanh", "tanh", "relu"], False),
+    ((16, 33, 70, 48, 129), 21, ["gelu", "identity", "sigmoid", "tanh"], True),
+    ((6, 130, 40, 12, 70), 18, ["tanh", "relu", "silu", "identity"], True),
+]
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(_FUSED_CASES)))
+def test_triton_fused_chain(dtype, case):
+    """A 2-layer decoder and a 2-layer labeler run as the one-kernel chain and match the reference."""
+    from tgtfast.kernels import mlp as kernels
+
+    widths, rows, acts, bias = _FUSED_CASES[case]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert kernels.chain_path(list(widths), 2) == "fused"
+    dec = make_layers(list(widths[:3]), acts[:2], bias=bias, device=device)
+    lab = make_layers(list(widths[2:]), acts[2:], bias=bias, device=device)
+    z = torch.randn(rows, widths[0]).to(device=device, dtype=dtype)
+    before = _fused_counts()
+    check_against_truth("triton", z, dec, lab, offset=11, temperature=0.8, device=device)
+    after = _fused_counts()
+    assert after["fused"] > before["fused"] and after["per_layer"] == before["per_layer"]
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_fused_chain_writes_the_perturbed_latents(dtype):
+    from tgtfast.kernels import mlp as kernels
+
+    dec = make_layers([7, 20, 10], ["relu", "sigmoid"])
+    lab = make_layers([10, 18, 140], ["gelu", "identity"])
+    layers = dec + lab
+    z = torch.randn(35, 7).to(dtype)
+    args = ([w for w, _, _ in layers], [b for _, b, _ in layers], [_mlp.ACTIVATIONS[a] for _, _, a in layers])
+    before = _fused_counts()["fused"]
+    x, s, pert = kernels.mlp_chain_fwd(z, *args, 2, 0.6, 99, 7, 1.1, True)
+    assert _fused_counts()["fused"] == before + 1
+    want = z.float() + 0.6 * reference.latent_noise(z.shape, 99, 7, dtype=torch.float32)
+    torch.testing.assert_close(pert, want, rtol=1e-6, atol=1e-6)
+    x2, s2, none = kernels.mlp_chain_fwd(z, *args, 2, 0.6, 99, 7, 1.1, False)
+    assert none.numel() == 0 and torch.equal(x, x2) and torch.equal(s, s2)
+
+
+@requires_triton
+def test_triton_other_chains_take_the_per_layer_path():
+    from tgtfast.kernels import mlp as kernels
+
+    assert kernels.chain_path([4, 16, 12, 9, 5], 2) == "fused"
+    assert kernels.chain_path([4, 16, 12, 9, 5], 1) == "per_layer"  # 1-layer decoder, 3-layer labeler
+    assert kernels.chain_path([4, 16, 16, 12, 9, 5], 3) == "per_layer"
+    assert kernels.chain_path([4, 257, 12, 9, 5], 2) == "per_layer"  # H1 pads to 512
+    assert kernels.chain_path([4, 16, 12, 300, 5], 2) == "per_layer"
+    dec = make_layers([5, 13, 16, 11], ["relu", "sigmoid", "tanh"])
+    lab = make_layers([11, 9, 6], ["gelu", "identity"])
+    before = _fused_counts()
+    check_against_truth("triton", torch.randn(10, 5), dec, lab, grad=False)
+    after = _fused_counts()
+    assert after["per_layer"] > before["per_layer"] and after["fused"] == before["fused"]
+    dec = make_layers([3, 260, 8], ["relu", "identity"])  # the right depths, but H1 too wide to keep on chip
+    lab = make_layers([8, 6, 4], ["relu", "identity"])
+    check_against_truth("triton", torch.randn(5, 3), dec, lab, grad=False)
+    assert _fused_counts()["fused"] == before["fused"]
+
 # --- CUDA (skips without a GPU) ----------------------------------------------------------------------------
 
 @requires_cuda
@@ -373,7 +447,7 @@ def test_cuda_issue_shapes():
     check_against_truth("cuda", z, dec, lab, sigma=0.1)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if HAS_TRITON else []))
 def test_nan_in_a_row_stays_in_that_row(backend):
     dec = make_layers([4, 8, 6], ["relu", "sigmoid"])
     lab = make_layers([6, 5, 3], ["tanh", "identity"])
@@ -439,6 +513,24 @@ for fused in (False, True):
         sys.exit(3)
     for cc in (80, 90):
         assert triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": 8 if fused else 4}).asm["ptx"]
+fn = kernels._chain_kernel
+sig = {k: "*fp32" for k in ("w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr", "w3_ptr", "b3_ptr", "w4_ptr", "b4_ptr", "pert_ptr")}
+sig.update({"z_ptr": "*bf16", "x_ptr": "*bf16", "soft_ptr": "*bf16", "sigma": "fp32", "seed": "u64",
+            "noise_base": "i64", "inv_t": "fp32"})
+sig.update({k: "i32" for k in ("M", "D", "H1", "X", "H2", "K")})
+for widest, one_pass in ((64, True), (64, False), (256, False)):
+    block_m, num_warps, num_stages, block_x, block_k = kernels._fused_config(widest)
+    const = dict(ACT1=1, ACT2=6, ACT3=2, ACT4=0, HAS_B1=True, HAS_B2=True, HAS_B3=True, HAS_B4=True,
+                 WRITE_PERT=True, ONE_PASS=one_pass, PRECISION="tf32x3", BLOCK_M=block_m, BLOCK_D=64,
+                 BLOCK_H1=widest, BLOCK_H2=widest, BLOCK_X=block_x, BLOCK_K=block_k)
+    full = dict(sig, **{k: "constexpr" for k in const})
+    src = ASTSource(fn=fn, signature={k: full[k] for k in fn.arg_names},
+                    constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+    for cc in (80, 90):
+        compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                                  options={"num_warps": num_warps, "num_stages": num_stages})
+        assert compiled.asm["ptx"]
+        assert getattr(compiled.metadata, "shared", 0) <= 166912, (widest, cc, compiled.metadata.shared)
 soft = ASTSource(fn=kernels._softmax_kernel, constexprs={(4,): 1024},
                  signature={"x_ptr": "*fp32", "out_ptr": "*bf16", "N": "i32", "inv_t": "fp32", "BLOCK": "constexpr"})
 assert triton.compile(soft, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
@@ -449,7 +541,8 @@ print("compiled")
 @requires_triton
 def test_triton_kernels_compile_for_gpus(tmp_path):
     """Compile, without launching, the layer kernel (bfloat16 in and out, noise, GELU, with and without the fused
-    softmax) for sm_80 and sm_90 and the softmax kernel for sm_90, in a process without TRITON_INTERPRET: catches
+    softmax) for sm_80 and sm_90, the one-kernel chain in its block configurations for sm_80 and sm_90 (within an
+    A100's shared memory) and the softmax kernel for sm_90, in a process without TRITON_INTERPRET: catches
     what the interpreter accepts and the GPU compiler does not."""
     import subprocess
     import sys
