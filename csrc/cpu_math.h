@@ -27,13 +27,9 @@ static inline float madd(float a, float b, float c) { return a * b + c; }
 static inline float bits_to_float(uint32_t u) { return __builtin_bit_cast(float, u); }
 static inline uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
 
-// exp(x) for float. Inputs below -87.3 give 0 (the result would be denormal), above 88.7 give inf.
-static inline float fast_exp(float x) {
-  const float hi = 88.72283905206835f, lo = -87.33654475055310f;
-  float xc = x > hi ? hi : x;
-  xc = xc < lo ? lo : xc;  // NaN compares false twice and stays NaN
-  const float fx = xc * 1.44269504088896341f;
-  const float n = (fx + 12582912.0f) - 12582912.0f;  // round to nearest (|fx| < 2^22)
+// exp(xc) = 2^n exp(r) for xc in [-87.3, 88.7] and n = round(xc / ln 2): Cody-Waite reduction r = xc - n ln 2 in
+// two steps, then the Cephes polynomial for exp(r).
+static inline float exp_reduced(float xc, float n) {
   float r = madd(n, -0.693359375f, xc);
   r = madd(n, 2.12194440e-4f, r);
   float p = 1.9875691500e-4f;
@@ -43,9 +39,17 @@ static inline float fast_exp(float x) {
   p = madd(p, r, 1.6666665459e-1f);
   p = madd(p, r, 5.0000001201e-1f);
   p = madd(p, r * r, r) + 1.0f;
-  const int32_t ni = static_cast<int32_t>(n);
-  const float scale = bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
-  float y = p * scale;
+  const float scale = bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  return p * scale;
+}
+
+// exp(x) for float. Inputs below -87.3 give 0 (the result would be denormal), above 88.7 give inf.
+static inline float fast_exp(float x) {
+  const float hi = 88.72283905206835f, lo = -87.33654475055310f;
+  float xc = x > hi ? hi : x;
+  xc = xc < lo ? lo : xc;  // NaN compares false twice and stays NaN
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (|x| < 2^22)
+  float y = exp_reduced(xc, n);
   y = x < lo ? 0.0f : y;
   y = x > hi ? std::numeric_limits<float>::infinity() : y;
   return y;
@@ -61,17 +65,7 @@ static inline float fast_exp_nonpos(float x) {
 #else
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // no vector round before SSE4.1
 #endif
-  float r = madd(n, -0.693359375f, xc);
-  r = madd(n, 2.12194440e-4f, r);
-  float p = 1.9875691500e-4f;
-  p = madd(p, r, 1.3981999507e-3f);
-  p = madd(p, r, 8.3334519073e-3f);
-  p = madd(p, r, 4.1665795894e-2f);
-  p = madd(p, r, 1.6666665459e-1f);
-  p = madd(p, r, 5.0000001201e-1f);
-  p = madd(p, r * r, r) + 1.0f;
-  const float scale = bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
-  const float y = p * scale;
+  const float y = exp_reduced(xc, n);
   return x < lo ? 0.0f : y;  // NaN compares false and keeps y (NaN)
 }
 

@@ -154,6 +154,18 @@ launch_counts = {"fused": 0, "per_layer": 0}
 
 
 @triton.jit
+def _logits_chunk(h2, w4_ptr, b4_ptr, rk, k_ok, rh2, h2_ok, H2, ACT4: tl.constexpr, HAS_B4: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """act4(h2 W4[rk]^T + b4[rk]) for the classes ``rk`` (masked by ``k_ok``): one chunk of the labeler's logits."""
+    wt4 = tl.load(w4_ptr + rk.to(tl.int64)[None, :] * H2 + rh2[:, None], mask=k_ok[None, :] & h2_ok[:, None],
+                  other=0.0)
+    lg = tl.dot(h2, wt4, input_precision=PRECISION)
+    if HAS_B4:
+        lg += tl.load(b4_ptr + rk, mask=k_ok, other=0.0)[None, :]
+    return _activate(lg, ACT4)
+
+
+@triton.jit
 def _chain_kernel(
     z_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr, x_ptr, soft_ptr, pert_ptr,
     M, D, H1, X, H2, K,
@@ -218,11 +230,8 @@ def _chain_kernel(
     rk0 = tl.arange(0, BLOCK_K)
     if ONE_PASS:  # K <= BLOCK_K
         k_ok = rk0 < K
-        wt4 = tl.load(w4_ptr + rk0[None, :] * H2 + rh2[:, None], mask=k_ok[None, :] & h2_ok[:, None], other=0.0)
-        lg = tl.dot(h2, wt4, input_precision=PRECISION)
-        if HAS_B4:
-            lg += tl.load(b4_ptr + rk0, mask=k_ok, other=0.0)[None, :]
-        u = tl.where(k_ok[None, :], _activate(lg, ACT4) * inv_t, float("-inf"))
+        lg = _logits_chunk(h2, w4_ptr, b4_ptr, rk0, k_ok, rh2, h2_ok, H2, ACT4, HAS_B4, PRECISION)
+        u = tl.where(k_ok[None, :], lg * inv_t, float("-inf"))
         e = tl.exp(u - tl.max(u, axis=1)[:, None])
         p = e / tl.sum(e, axis=1)[:, None]
         tl.store(soft_ptr + rm[:, None] * K + rk0[None, :], _to_dtype(p, soft_ptr.dtype.element_ty),
@@ -233,24 +242,15 @@ def _chain_kernel(
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + rk0
             k_ok = rk < K
-            wt4 = tl.load(w4_ptr + rk.to(tl.int64)[None, :] * H2 + rh2[:, None], mask=k_ok[None, :] & h2_ok[:, None],
-                        other=0.0)
-            lg = tl.dot(h2, wt4, input_precision=PRECISION)
-            if HAS_B4:
-                lg += tl.load(b4_ptr + rk, mask=k_ok, other=0.0)[None, :]
-            u = tl.where(k_ok[None, :], _activate(lg, ACT4) * inv_t, float("-inf"))
+            lg = _logits_chunk(h2, w4_ptr, b4_ptr, rk, k_ok, rh2, h2_ok, H2, ACT4, HAS_B4, PRECISION)
+            u = tl.where(k_ok[None, :], lg * inv_t, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(u, axis=1))
             s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(u - m_new[:, None]), axis=1)
             m_i = m_new
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + rk0
             k_ok = rk < K
-            wt4 = tl.load(w4_ptr + rk.to(tl.int64)[None, :] * H2 + rh2[:, None], mask=k_ok[None, :] & h2_ok[:, None],
-                        other=0.0)
-            lg = tl.dot(h2, wt4, input_precision=PRECISION)
-            if HAS_B4:
-                lg += tl.load(b4_ptr + rk, mask=k_ok, other=0.0)[None, :]
-            u = _activate(lg, ACT4) * inv_t
+            u = _logits_chunk(h2, w4_ptr, b4_ptr, rk, k_ok, rh2, h2_ok, H2, ACT4, HAS_B4, PRECISION) * inv_t
             p = tl.exp(u - m_i[:, None]) / s_i[:, None]
             tl.store(soft_ptr + rm[:, None] * K + rk[None, :], _to_dtype(p, soft_ptr.dtype.element_ty),
                      mask=m_ok[:, None] & k_ok[None, :])
