@@ -89,10 +89,9 @@ at::Tensor empty_output_like(const at::Tensor& like) {
   if (nbytes >= kMinBytes) {
     const size_t padded = (nbytes + kHuge - 1) / kHuge * kHuge;
     void* ptr = take_cached(padded);
-    if (ptr == nullptr && posix_memalign(&ptr, kHuge, padded) == 0) {
+    if (ptr == nullptr) {
+      if (posix_memalign(&ptr, kHuge, padded) != 0) return at::empty_like(like, at::MemoryFormat::Contiguous);
       madvise(ptr, padded, MADV_HUGEPAGE);  // advisory: a refusal only costs speed
-    } else if (ptr == nullptr) {
-      return at::empty_like(like, at::MemoryFormat::Contiguous);
     }
     return at::from_blob(ptr, like.sizes(), [padded](void* p) { give_back(padded, p); }, like.options());
   }

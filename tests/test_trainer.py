@@ -228,21 +228,11 @@ def test_noise_seed_streams():
 
 
 def test_batch_fn_dict_batches_and_bf16():
-    class Dicts(torch.utils.data.Dataset):
-        def __init__(self):
-            self.x, self.y = data()
-
-        def __len__(self):
-            return len(self.y)
-
-        def __getitem__(self, i):
-            return {"image": self.x[i], "label": self.y[i]}
-
     cfg = TGTConfig(exploration="random", batch_size=8, max_steps=2, bf16=True, progress=False)
-    s, hist = train(cfg, d=Dicts(), batch_fn=lambda b: (b["image"], b["label"]))
+    s, hist = train(cfg, d=_Rows(), batch_fn=lambda b: (b["image"], b["label"]))
     assert hist.steps == 2 and torch.isfinite(torch.tensor(hist.final["loss"]))
     with pytest.raises(TypeError, match="batch_fn"):
-        train(cfg, d=Dicts())
+        train(cfg, d=_Rows())
 
 
 def test_ptloss_and_val_metrics(tmp_path):

@@ -32,6 +32,19 @@ def _check_float(name: str, value: object, *, low: float, high: float = math.inf
     return value
 
 
+def _check_target(target: object, lead: torch.Size, lead_of: str, device_of: str, device: torch.device) -> None:
+    """Checks the integer class targets of the losses: a tensor of the leading shape ``lead`` (that of
+    ``lead_of``) on ``device`` (that of the argument ``device_of``)."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer tensor, got {target.dtype}")
+    if target.shape != lead:
+        raise ValueError(f"target shape {tuple(target.shape)} must equal {lead_of} leading shape {tuple(lead)}")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but {device_of} is on {device}")
+
+
 def _as_coeffs(coeffs: CoeffsLike, k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Validate `coeffs` ([M] or [M, K]) and return it contiguous in the kernels' accumulation dtype."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -151,14 +164,7 @@ def ptloss(
     lead = student_logits.shape[:-1]
     valid = None
     if target is not None:
-        if not isinstance(target, torch.Tensor):
-            raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-            raise TypeError(f"target must be an integer tensor, got {target.dtype}")
-        if target.shape != lead:
-            raise ValueError(f"target shape {tuple(target.shape)} must equal the logits' leading shape {tuple(lead)}")
-        if target.device != student_logits.device:
-            raise ValueError(f"target is on {target.device} but student_logits is on {student_logits.device}")
+        _check_target(target, lead, "the logits'", "student_logits", student_logits.device)
         valid = (target != ignore_index).reshape(-1)
 
     dtype = torch.promote_types(student_logits.dtype, teacher.dtype)

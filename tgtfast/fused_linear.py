@@ -26,7 +26,7 @@ from torch import nn
 
 from tgtfast import _ops, reference
 from tgtfast.dispatch import Backend, select
-from tgtfast.functional import _REDUCTIONS, CoeffsLike, _as_coeffs, _check_float
+from tgtfast.functional import _REDUCTIONS, CoeffsLike, _as_coeffs, _check_float, _check_target
 from tgtfast.losses import coeffs_buffer
 
 __all__ = ["fused_linear_ptloss", "FusedLinearPTLoss", "default_chunk_size"]
@@ -359,15 +359,7 @@ def fused_linear_ptloss(
     n = math.prod(lead)
     valid = tgt = None
     if target is not None:
-        if not isinstance(target, torch.Tensor):
-            raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-            raise TypeError(f"target must be an integer tensor, got {target.dtype}")
-        if target.shape != lead:
-            raise ValueError(f"target shape {tuple(target.shape)} must equal the hidden states' leading shape "
-                             f"{tuple(lead)}")
-        if target.device != device:
-            raise ValueError(f"target is on {target.device} but student_hidden is on {device}")
+        _check_target(target, lead, "the hidden states'", "student_hidden", device)
         tgt = target.reshape(-1).to(torch.int64)
         valid = tgt != ignore_index
         if ce_weight != 0 and not torch.compiler.is_compiling():
