@@ -11,7 +11,9 @@ latent codes z [B, 64]. Rows, all on the same inputs and in one process:
   (``cpp`` on the CPU; ``cuda`` and ``triton`` on a GPU).
 
 Each row gives the median time of the forward (``--grad``: forward and backward to z, with z requiring grad)
-over ``--repeats`` runs after warm-up, its min-max spread, the speed-up over eager, and the peak extra memory:
+over ``--repeats`` runs after warm-up (the rows take turns, one run each, so that a change of load on a shared
+machine hits them alike), its min-max spread, the speed-up over eager, on the CPU the minor page faults per call
+(fresh memory the kernel maps and zeroes: what the allocator costs), and the peak extra memory:
 on the CPU the peak RSS of a fresh subprocess per row above its RSS before the timed call (VmHWM reset through
 /proc/self/clear_refs, as tgtfast/bench.py does for PTLoss); on a GPU ``torch.cuda.max_memory_allocated``
 above the inputs. The fused rows are checked against eager with the same noise (latent_noise).
@@ -33,7 +35,7 @@ import torch
 from torch import nn
 
 import tgtfast
-from tgtfast.bench import _peak_rss_bytes as _peak_rss, _rss_bytes as _rss, _sync  # the package's own measurement
+from tgtfast.bench import _peak_rss_bytes as _peak_rss, _rss_bytes as _rss, _sync, time_in_turns
 from tgtfast import _mlp, reference
 
 SIGMA, SEED, TEMPERATURE, LATENT = 0.5, 1234, 2.0, 64
@@ -111,33 +113,34 @@ def run(b: int, k: int, dtype: torch.dtype, device: torch.device, repeats: int, 
     with torch.no_grad():
         x_ref = decoder((z.float() + SIGMA * noise).to(dtype))
         s_ref = torch.softmax(labeler(x_ref) / TEMPERATURE, dim=-1)
-    rows = []
-    for impl in impls:
-        step = make_step(impl, decoder, labeler)
-        err = None
+    steps = {impl: make_step(impl, decoder, labeler) for impl in impls}
+    errs = {}
+    for impl, step in steps.items():
+        errs[impl] = None
         if impl != "eager":
             with torch.no_grad():
                 x, s = step(z.detach())
-            err = max(float((x.float() - x_ref.float()).abs().max()), float((s.float() - s_ref.float()).abs().max()))
+            errs[impl] = max(float((x.float() - x_ref.float()).abs().max()),
+                             float((s.float() - s_ref.float()).abs().max()))
         for _ in range(3):
             run_once(step, z, grad)
-        _sync(device)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run_once(step, z, grad)
-            _sync(device)
-            times.append(time.perf_counter() - start)
-        row = {"impl": impl, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-               "max_abs_err_vs_eager": err}
+    times, faults = time_in_turns({impl: (lambda step=step: run_once(step, z, grad)) for impl, step in steps.items()},
+                                  device, repeats)
+    rows = []
+    for impl, step in steps.items():
+        ts = times[impl]
+        row = {"impl": impl, "median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts),
+               "max_abs_err_vs_eager": errs[impl]}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             run_once(step, z, grad)
             _sync(device)
             row["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
-        elif memory:
-            row["peak_extra_bytes"] = _peak_memory_subprocess(impl, b, k, str(dtype).split(".")[-1], grad)
+        else:
+            row["page_faults_per_call"] = statistics.median(faults[impl])
+            if memory:
+                row["peak_extra_bytes"] = _peak_memory_subprocess(impl, b, k, str(dtype).split(".")[-1], grad)
         rows.append(row)
     eager = next((r for r in rows if r["impl"] == "eager"), None)
     for r in rows:
@@ -155,7 +158,8 @@ def device_name(device: torch.device) -> str:
 
 def format_table(res: Dict) -> str:
     out = [f"{res['op']}  B={res['B']} K={res['K']} ({res['widths']}) {res['dtype']} on {res['device']}",
-           f"{'impl':<14}{'median ms':>10}{'spread ms':>16}{'x eager':>9}{'peak extra MB':>15}{'max err':>10}"]
+           f"{'impl':<14}{'median ms':>10}{'spread ms':>16}{'x eager':>9}{'peak extra MB':>15}{'max err':>10}"
+           f"{'faults/call':>13}"]
     for r in res["rows"]:
         peak = r.get("peak_extra_bytes")
         err = r["max_abs_err_vs_eager"]
@@ -163,7 +167,8 @@ def format_table(res: Dict) -> str:
         peak_txt = "-" if peak is None else "%.1f" % (peak / 2**20)
         err_txt = "-" if err is None else "%.1e" % err
         out.append(f"{r['impl']:<14}{r['median_s'] * 1e3:>10.1f}{spread:>16}"
-                   f"{r['speedup_vs_eager'] or float('nan'):>9.2f}{peak_txt:>15}{err_txt:>10}")
+                   f"{r['speedup_vs_eager'] or float('nan'):>9.2f}{peak_txt:>15}{err_txt:>10}"
+                   f"{r.get('page_faults_per_call', '-'):>13}")
     return "\n".join(out)
 
 

@@ -25,7 +25,7 @@ namespace {
 
 constexpr size_t kHuge = size_t(2) << 20;
 constexpr size_t kMinBytes = 2 * kHuge;
-constexpr size_t kMaxBlocks = 2;
+constexpr size_t kMaxBlocks = 4;
 
 size_t cache_limit_bytes() {
   static const size_t limit = [] {
@@ -83,20 +83,20 @@ void give_back(size_t bytes, void* p) {
 
 }  // namespace
 
-at::Tensor empty_output_like(const at::Tensor& like) {
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const size_t nbytes = static_cast<size_t>(like.numel()) * like.element_size();
+  const size_t nbytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
   if (nbytes >= kMinBytes) {
     const size_t padded = (nbytes + kHuge - 1) / kHuge * kHuge;
     void* ptr = take_cached(padded);
     if (ptr == nullptr) {
-      if (posix_memalign(&ptr, kHuge, padded) != 0) return at::empty_like(like, at::MemoryFormat::Contiguous);
+      if (posix_memalign(&ptr, kHuge, padded) != 0) return at::empty(sizes, options);
       madvise(ptr, padded, MADV_HUGEPAGE);  // advisory: a refusal only costs speed
     }
-    return at::from_blob(ptr, like.sizes(), [padded](void* p) { give_back(padded, p); }, like.options());
+    return at::from_blob(ptr, sizes, [padded](void* p) { give_back(padded, p); }, options);
   }
 #endif
-  return at::empty_like(like, at::MemoryFormat::Contiguous);
+  return at::empty(sizes, options);
 }
 
 int64_t release_cached_buffers() {

@@ -21,6 +21,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_buffers.h"
 #include "mlp_cpu_kernel.h"
 #include "ptloss_cpu_kernel.h"  // cpu_has_avx2
 
@@ -121,8 +122,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cpu(
   }
   const int64_t x_width = weights[num_decoder_layers - 1].size(0);
   const bool bf16 = z.scalar_type() == at::kBFloat16;
-  auto x_new = at::empty({B, x_width}, z.options());
-  auto soft = at::empty({B, width}, z.options());
+  // From the block cache of cpu_buffers.h: a TGT loop asks for the same two shapes every step.
+  auto x_new = empty_output({B, x_width}, z.options());
+  auto soft = empty_output({B, width}, z.options());
   auto perturbed = need_perturbed ? at::empty({B, d}, z.options().dtype(at::kFloat)) : at::empty({0}, z.options());
   if (B == 0) return {x_new, soft, perturbed};
 

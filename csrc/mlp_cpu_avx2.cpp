@@ -3,6 +3,7 @@
 #pragma GCC target("avx2,fma")
 #define TGTFAST_MLP_ISA mlp_isa_avx2
 #define TGTFAST_MLP_AVX2 1  // the target pragma does not define __AVX2__ for the preprocessor
+#define TGTFAST_CPU_SSE41 1  // nor __SSE4_1__ (cpu_math.h then rounds with one instruction)
 #include "mlp_cpu_kernel.inc"
 #else
 #include "mlp_cpu_kernel.h"

@@ -17,8 +17,18 @@ def test_ptloss_case_rows_and_fields():
         assert row["median_s"] > 0 and row["min_s"] <= row["median_s"] <= row["max_s"]
         assert 0 < row["roofline_fraction"] and row["ns_per_elem"] > 0
     assert res["moved_bytes"] == 3 * 8 * 64 * 4
+    assert all(row["page_faults_per_call"] >= 0 for row in res["rows"])
     text = bench.format_table(res)
-    assert "roofline" in text and "eager" in text
+    assert "roofline" in text and "eager" in text and "faults" in text
+
+
+def test_rows_take_turns():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    times, faults = bench.time_in_turns(fns, torch.device("cpu"), 3)
+    assert calls == ["a", "b", "c"] * 3
+    assert all(len(times[n]) == 3 and len(faults[n]) == 3 for n in fns)
+    assert all(t >= 0 for n in fns for t in times[n]) and all(f >= 0 for n in fns for f in faults[n])
 
 
 def test_proxy_case_compares_backends():

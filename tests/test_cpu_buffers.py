@@ -1,4 +1,4 @@
-"""The C++ ops' cache of large gradient blocks (csrc/cpu_buffers.cpp): reuse never leaks old values."""
+"""The C++ ops' cache of large output blocks (csrc/cpu_buffers.cpp): reuse never leaks old values."""
 
 import os
 import subprocess
@@ -61,13 +61,13 @@ def test_empty_cpu_cache_frees_only_unused_blocks():
     assert tgtfast.empty_cpu_cache() == 0
 
 
-def test_at_most_two_blocks_are_kept():
+def test_at_most_four_blocks_are_kept():
     tgtfast.empty_cpu_cache()
     s, t = torch.randn(N, K), torch.randn(N, K)
-    grads = [_grad(s, t) for _ in range(4)]
+    grads = [_grad(s, t) for _ in range(6)]
     del grads
     block = 6 << 20  # 5 MiB rounded up to whole 2 MiB huge pages
-    assert _ext.ext.cached_buffer_bytes() == 2 * block
+    assert _ext.ext.cached_buffer_bytes() == 4 * block
     tgtfast.empty_cpu_cache()
 
 
@@ -101,3 +101,27 @@ def test_reuse_across_dtypes_of_the_same_size(dtype):
     assert g.data_ptr() == ptr and g.dtype == dtype
     tol = dict(rtol=2e-2, atol=1e-6) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-10)
     torch.testing.assert_close(g.float(), _ref_grad(s.float(), t.float()), **tol)
+
+
+def test_tgt_samples_and_labels_reuse_blocks():
+    """x_new and the soft labels of the fused MLP step (each 4 MiB or more) come from the cache and hold only
+    the new call's values."""
+    from tgtfast import _mlp
+
+    tgtfast.empty_cpu_cache()
+    g = torch.Generator().manual_seed(0)
+    dec = [(torch.randn(16, 8, generator=g) * 0.3, None, "relu"), (torch.randn(2048, 16, generator=g) * 0.3, None,
+                                                                    "sigmoid")]
+    lab = [(torch.randn(8, 2048, generator=g) * 0.05, None, "relu"), (torch.randn(2048, 8, generator=g), None,
+                                                                       "identity")]
+    z = torch.randn(520, 8, generator=g)  # 520 x 2048 float32 = 4.06 MiB, on 6 MiB blocks
+    kw = dict(sigma=0.5, temperature=1.5, backend="cpp")
+    x, s = _mlp.perturb_decode_label_mlp(z, dec, lab, seed=1, **kw)
+    del x, s
+    assert _ext.ext.cached_buffer_bytes() == 2 * (6 << 20)
+    x, s = _mlp.perturb_decode_label_mlp(z, dec, lab, seed=2, **kw)
+    assert _ext.ext.cached_buffer_bytes() == 0  # both blocks taken again
+    x_ref, s_ref = reference.perturb_decode_label_mlp(z, dec, lab, seed=2, sigma=0.5, temperature=1.5)
+    torch.testing.assert_close(x, x_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-7)
+    tgtfast.empty_cpu_cache()

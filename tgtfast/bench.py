@@ -9,8 +9,9 @@ Ops (``--op``; all of them by default):
 * ``fused_linear``: PTLoss from hidden states (``N, H, V``), forward+backward.
 
 For each op and shape, the rows are the eager reference (``eager``), ``torch.compile`` of it (``compile``;
-absent where compiling makes no sense) and every backend of the package that can run the inputs. Each row
-reports the median time with its min-max spread, the speed-ups over eager and over ``torch.compile``, the
+absent where compiling makes no sense) and every backend of the package that can run the inputs. The rows take
+turns, one call each per round (:func:`time_in_turns`), so that a change of load on a shared machine hits them
+alike. Each row reports the median time with its min-max spread, on the CPU the minor page faults per call, the speed-ups over eager and over ``torch.compile``, the
 achieved bytes per second against the copy bandwidth measured in the same run (the memory roofline: the bytes
 the op cannot avoid moving, listed per op in :data:`ROOFLINE_BYTES`), the cost per element of the work (flat
 when cost grows linearly), peak memory, and whether the result matched the eager reference.
@@ -35,7 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -76,6 +77,29 @@ def _timeit(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: i
         _sync(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_in_turns(fns: Dict[str, Callable[[], Any]], device: torch.device, repeats: int
+                  ) -> Tuple[Dict[str, List[float]], Dict[str, List[int]]]:
+    """Times one call of each of `fns` per round, `repeats` rounds: the implementations take turns, so that a
+    change of load on a shared machine hits them alike and their ratios stay fair. Returns the seconds and the
+    minor page faults (fresh memory the kernel maps and zeroes; 0 where unknown) of every call, per name."""
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    faults: Dict[str, List[int]] = {name: [] for name in fns}
+    _sync(device)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            f0 = _minor_faults()
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+            faults[name].append(_minor_faults() - f0)
+    return times, faults
 
 
 def copy_bandwidth(nbytes: int, device: torch.device, repeats: int = 9) -> float:
@@ -408,23 +432,29 @@ def run_case(op: str, shape: Dict[str, int], dtype: torch.dtype = torch.float32,
     truth = None
     if case.truth is not None:
         truth = case.truth()
+    errs = {}
     for impl, fn in case.run.items():
         out = fn()
         if truth is None:
             truth = out
-        err = None if impl in case.incomparable else case.compare(out, truth)
+        errs[impl] = None if impl in case.incomparable else case.compare(out, truth)
         del out
-        times = _timeit(fn, case.device, repeats, warmup=1)
-        med = statistics.median(times)
+        fn()  # warm-up
+    times, faults = time_in_turns(case.run, case.device, repeats)
+    for impl, fn in case.run.items():
+        err = errs[impl]
+        med = statistics.median(times[impl])
         row: Dict[str, Any] = {
             "impl": impl,
             "median_s": med,
-            "min_s": min(times),
-            "max_s": max(times),
+            "min_s": min(times[impl]),
+            "max_s": max(times[impl]),
             "ns_per_" + case.work_unit: med / max(case.work, 1) * 1e9,
             "max_err_vs_reference": err,
             "matches_reference": None if err is None else bool(err <= case.tol),
         }
+        if case.device.type == "cpu":
+            row["page_faults_per_call"] = statistics.median(faults[impl])
         if case.moved_bytes:
             row["bytes_per_s"] = case.moved_bytes / med
             row["roofline_fraction"] = case.moved_bytes / med / bandwidth
@@ -507,7 +537,7 @@ def format_table(result: Dict) -> str:
                  f"{result['ideal_time_s'] * 1e3:.2f} ms for {_fmt_bytes(result['moved_bytes'])}\n")
     unit = "ns/" + result["work_unit"]
     cols = (f"{'impl':<9}{'median ms':>11}{'spread ms':>17}{'x eager':>9}{'x compile':>10}{unit:>11}{'GB/s':>8}"
-            f"{'roofline':>9}{'peak':>10}{'match':>7}\n")
+            f"{'roofline':>9}{'peak':>10}{'match':>7}{'faults':>8}\n")
     lines = []
     for r in result["rows"]:
         spread = f"{r['min_s'] * 1e3:.1f}-{r['max_s'] * 1e3:.1f}"
@@ -518,6 +548,7 @@ def format_table(result: Dict) -> str:
             f"{_fmt_ratio(r['speedup_vs_eager']):>9}{_fmt_ratio(r['speedup_vs_compile']):>10}"
             f"{r['ns_per_' + result['work_unit']]:>11.4g}{gbs:>8}{roof:>9}{_fmt_bytes(r.get('peak_extra_bytes')):>10}"
             f"{ {True: 'yes', False: 'NO', None: 'n/a'}[r['matches_reference']]:>7}"
+            f"{r.get('page_faults_per_call', '-'):>8}"
         )
     return head + cols + "\n".join(lines)
 
