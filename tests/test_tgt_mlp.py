@@ -459,6 +459,22 @@ def test_nan_in_a_row_stays_in_that_row(backend):
     assert bool(torch.isfinite(x[keep]).all()) and bool(torch.isfinite(s[keep]).all())
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if HAS_TRITON else []))
+@pytest.mark.parametrize("act", ["sigmoid", "tanh", "silu", "gelu_tanh"])
+def test_activations_at_extreme_inputs(backend, act):
+    """Pre-activations from -1e4 to 1e4 and +-inf give what torch's activation gives, to float rounding."""
+    pre = torch.tensor([-1e4, -100.0, -88.0, -87.0, -30.0, -9.0, -1e-3, 0.0, 1e-3, 9.0, 30.0, 87.0, 88.0, 100.0,
+                        1e4, float("inf"), float("-inf")])
+    z = pre.reshape(-1, 1)
+    dec = [(torch.ones(1, 1), None, act)]
+    lab = [(torch.ones(2, 1), None, "identity")]
+    x, _ = perturb_decode_label_mlp(z, dec, lab, sigma=0.0, seed=1, backend=backend)
+    torch_act = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "silu": torch.nn.functional.silu,
+                 "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh")}[act]
+    ref = torch_act(pre.double()).float().reshape(-1, 1)
+    torch.testing.assert_close(x, ref, rtol=4e-6, atol=1e-7, equal_nan=True)
+
+
 def test_register_op_narrows_backends_and_dtypes():
     from tgtfast import dispatch
 
