@@ -408,8 +408,12 @@ def _peak_memory_subprocess(op: str, impl: str, shape: Dict[str, int], dtype: st
         f"print(f({op!r}, {impl!r}, {json.dumps(json.dumps(shape))}, {dtype!r}))"
     )
     env = dict(os.environ, TGTFAST_QUIET="1")
+    # run from the folder that holds this tgtfast, so that the child imports the same package (and its build)
+    # whatever the working directory is (from a source checkout, `-c` would put the unbuilt tree first)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(tgtfast.__file__)))
     try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800,
+                             cwd=here)
         return int(out.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, ValueError, IndexError):
         return None
