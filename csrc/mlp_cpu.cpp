@@ -68,9 +68,9 @@ PackedWeights pack_weights(const cpu::MlpIsa& isa, at::TensorList weights, int64
       const float* w = weights[l].data_ptr<float>();
       const int64_t rows_w = weights[l].size(0), cols_w = weights[l].size(1);
       if (transposed) {
-        cpu::pack_b(w, cols_w, rows_w, 1, cols_w, base + off[l], p0 - first_panel[l], p1 - first_panel[l]);
+        isa.pack_b(w, cols_w, rows_w, 1, cols_w, base + off[l], p0 - first_panel[l], p1 - first_panel[l]);
       } else {
-        cpu::pack_b(w, rows_w, cols_w, cols_w, 1, base + off[l], p0 - first_panel[l], p1 - first_panel[l]);
+        isa.pack_b(w, rows_w, cols_w, cols_w, 1, base + off[l], p0 - first_panel[l], p1 - first_panel[l]);
       }
     }
   });

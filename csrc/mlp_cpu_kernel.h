@@ -44,6 +44,9 @@ struct MlpIsa {
   // Null where the instruction set has no GEMM kernel (the baseline build): the launcher uses at::mm_out.
   void (*gemm)(const float* a, int64_t lda, const float* b_packed, int64_t rows, int64_t n, int64_t k, float* c,
                int64_t ldc);
+  // pack_b below, faster on this instruction set; null with gemm.
+  void (*pack_b)(const float* w, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, float* dst,
+                 int64_t p_begin, int64_t p_end);
 };
 
 // Columns per panel of a packed weight.
