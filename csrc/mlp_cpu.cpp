@@ -178,14 +178,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cpu(
   return {x_new, soft, perturbed};
 }
 
+// Whether act'(pre) can be computed from post = act(pre) alone (cpu::MlpIsa::act_grad reads pre only for these
+// as the sign of pre, which post keeps).
+bool grad_from_output(cpu::Act act) {
+  return act == cpu::Act::kIdentity || act == cpu::Act::kRelu || act == cpu::Act::kSigmoid || act == cpu::Act::kTanh;
+}
+
 // Gradient to the perturbed latent. Per block of rows: the forward again, keeping the block's pre- and
 // post-activations of every layer in per-thread buffers, then back through the layers with dA_l = dPre_l W_l
 // and dPre_l = dA_{l+1} * act_l'. With no gradient for the soft labels the labeler is skipped. With AVX2 both
 // GEMMs run on weights packed once per call (W^T for the forward, W for the backward).
+// The forward's outputs spare two GEMMs when given (float32): x_new is the decoder's last layer (recomputed
+// only when its activation's derivative needs the pre-activation: GELU, SiLU), and soft gives the softmax
+// backward directly when the labeler's last activation is the identity (its logits are then not needed).
 at::Tensor mlp_chain_bwd_cpu(const at::Tensor& perturbed, at::TensorList weights,
                              const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
                              int64_t num_decoder_layers, double temperature, const std::optional<at::Tensor>& grad_x,
-                             const std::optional<at::Tensor>& grad_soft) {
+                             const std::optional<at::Tensor>& grad_soft, const std::optional<at::Tensor>& x_new,
+                             const std::optional<at::Tensor>& soft) {
   const int64_t L = static_cast<int64_t>(weights.size());
   TORCH_CHECK(perturbed.dim() == 2 && perturbed.scalar_type() == at::kFloat && perturbed.is_contiguous(),
               "mlp_chain_bwd: perturbed must be a contiguous float32 [B, d] tensor");
@@ -226,6 +236,21 @@ at::Tensor mlp_chain_bwd_cpu(const at::Tensor& perturbed, at::TensorList weights
                     grad_soft->sizes() == at::IntArrayRef({B, width}),
                 "mlp_chain_bwd: grad_soft must be a contiguous float32 [", B, ", ", width, "] tensor");
   }
+  const int64_t last_dec = num_decoder_layers - 1;
+  const bool reuse_x = x_new.has_value() && x_new->defined() &&
+                       grad_from_output(static_cast<cpu::Act>(activations[last_dec]));
+  const bool reuse_soft = has_gs && soft.has_value() && soft->defined() &&
+                          static_cast<cpu::Act>(activations[L - 1]) == cpu::Act::kIdentity;
+  if (reuse_x) {
+    TORCH_CHECK(x_new->scalar_type() == at::kFloat && x_new->is_contiguous() &&
+                    x_new->sizes() == at::IntArrayRef({B, x_width}),
+                "mlp_chain_bwd: x_new must be a contiguous float32 [", B, ", ", x_width, "] tensor");
+  }
+  if (reuse_soft) {
+    TORCH_CHECK(soft->scalar_type() == at::kFloat && soft->is_contiguous() &&
+                    soft->sizes() == at::IntArrayRef({B, width}),
+                "mlp_chain_bwd: soft must be a contiguous float32 [", B, ", ", width, "] tensor");
+  }
   auto grad_z = at::zeros({B, d}, perturbed.options());
   if (B == 0 || (!has_gx && !has_gs)) return grad_z;
 
@@ -244,14 +269,23 @@ at::Tensor mlp_chain_bwd_cpu(const at::Tensor& perturbed, at::TensorList weights
   at::parallel_for(0, std::min<int64_t>(blocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     std::vector<float> pre(static_cast<size_t>(kBlockRows * off[layers])), post(pre.size());
     std::vector<float> g_a(static_cast<size_t>(kBlockRows * widest)), g_b(g_a.size());
+    std::vector<const float*> pre_of(layers), post_of(layers);  // each layer's block, in a buffer or an output
     for (int64_t blk = next_block++; blk < blocks; blk = next_block++) {
       const int64_t row0 = blk * kBlockRows, rows = std::min(kBlockRows, B - row0);
       const float* in = perturbed.data_ptr<float>() + row0 * d;
       int64_t in_w = d;
       for (int64_t l = 0; l < layers; ++l) {
         const int64_t out_w = weights[l].size(0);
+        if (l == last_dec && reuse_x) {  // post = x_new; the sign of pre is that of post
+          in = pre_of[l] = post_of[l] = x_new->data_ptr<float>() + row0 * out_w;
+          in_w = out_w;
+          continue;
+        }
+        if (l == L - 1 && reuse_soft) break;  // the top layer's backward needs only soft
         float* p = pre.data() + kBlockRows * off[l];
         float* q = post.data() + kBlockRows * off[l];
+        pre_of[l] = p;
+        post_of[l] = q;
         if (isa.gemm != nullptr) {
           isa.gemm(in, in_w, packed.ptr[l], rows, out_w, in_w, p, out_w);
         } else {
@@ -270,8 +304,12 @@ at::Tensor mlp_chain_bwd_cpu(const at::Tensor& perturbed, at::TensorList weights
       int64_t l = layers - 1;
       const int64_t top_w = weights[l].size(0);
       if (has_gs) {
-        isa.softmax_grad(g, post.data() + kBlockRows * off[l], grad_soft->data_ptr<float>() + row0 * top_w, rows,
-                         top_w, inv_t);
+        const float* s = reuse_soft ? soft->data_ptr<float>() + row0 * top_w : g;
+        if (!reuse_soft) {  // the softmax of the recomputed logits, in g
+          std::copy(post_of[l], post_of[l] + rows * top_w, g);
+          isa.softmax(g, rows, top_w, top_w, inv_t);
+        }
+        isa.softmax_grad(g, s, grad_soft->data_ptr<float>() + row0 * top_w, rows, top_w, inv_t);
       } else {
         std::fill(g, g + rows * top_w, 0.0f);
       }
@@ -281,8 +319,9 @@ at::Tensor mlp_chain_bwd_cpu(const at::Tensor& perturbed, at::TensorList weights
           const float* gx = grad_x->data_ptr<float>() + row0 * out_w;
           for (int64_t i = 0; i < rows * out_w; ++i) g[i] += gx[i];
         }
-        isa.act_grad(g, pre.data() + kBlockRows * off[l], post.data() + kBlockRows * off[l], rows, out_w,
-                     static_cast<cpu::Act>(activations[l]));
+        if (l < L - 1 || !reuse_soft) {  // the identity of a reused top layer needs nothing
+          isa.act_grad(g, pre_of[l], post_of[l], rows, out_w, static_cast<cpu::Act>(activations[l]));
+        }
         float* dst = l == 0 ? grad_z.data_ptr<float>() + row0 * d : spare;
         if (isa.gemm != nullptr) {
           isa.gemm(g, out_w, packed_t.ptr[l], rows, in_w_l, out_w, dst, in_w_l);

@@ -32,9 +32,9 @@ struct MlpIsa {
   void (*softmax)(float* y, int64_t rows, int64_t cols, int64_t ld, float inv_temperature);
   // g[r, c] *= act'(pre[r, c]) where post = act(pre); all [rows, cols] with row stride cols.
   void (*act_grad)(float* g, const float* pre, const float* post, int64_t rows, int64_t cols, Act act);
-  // Backward of soft = softmax(logits * inv_temperature): out = soft * (g - sum(g * soft)) * inv_temperature;
-  // all [rows, cols] with row stride cols; `out` may not alias the others.
-  void (*softmax_grad)(float* out, const float* logits, const float* g, int64_t rows, int64_t cols,
+  // Backward of soft = softmax(logits * inv_temperature), given soft: out = soft * (g - sum(g * soft)) *
+  // inv_temperature; all [rows, cols] with row stride cols; `out` may be `soft`, not `g`.
+  void (*softmax_grad)(float* out, const float* soft, const float* g, int64_t rows, int64_t cols,
                        float inv_temperature);
   // out[i] = z[i] + sigma * normal(seed, first + i) for i < n <= kNoiseChunk (the Philox normals of csrc/philox.h)
   void (*perturb_chunk)(float* out, const float* z, int64_t n, uint64_t seed, uint64_t first, float sigma);

@@ -29,10 +29,12 @@ TORCH_LIBRARY(tgtfast, m) {
       "mlp_chain_fwd(Tensor z, Tensor[] weights, Tensor?[] biases, int[] activations, int num_decoder_layers, "
       "float sigma, int seed, int offset, float temperature, bool need_perturbed) -> (Tensor, Tensor, Tensor)");
   // Its gradient to the latent, recomputed from the perturbed latent: grad_x [B, d_x] and grad_soft [B, K]
-  // (float32, either may be absent) -> grad [B, d] float32.
+  // (float32, either may be absent) -> grad [B, d] float32. The forward's float32 outputs x_new and soft, when
+  // given, spare recomputing the layers whose results they are (see csrc/mlp_cpu.cpp).
   m.def(
       "mlp_chain_bwd(Tensor perturbed, Tensor[] weights, Tensor?[] biases, int[] activations, "
-      "int num_decoder_layers, float temperature, Tensor? grad_x, Tensor? grad_soft) -> Tensor");
+      "int num_decoder_layers, float temperature, Tensor? grad_x, Tensor? grad_soft, Tensor? x_new=None, "
+      "Tensor? soft=None) -> Tensor");
 }
 
 namespace {

@@ -213,6 +213,51 @@ def test_modules_through_as_mlp_match_eager_modules():
     torch.testing.assert_close(s, torch.softmax(labeler(x_ref) / 2.0, -1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("which", ["x_new", "soft", "both"])
+@pytest.mark.parametrize("acts", [(["relu", "tanh"], ["identity"]), (["silu", "relu"], ["relu", "sigmoid"]),
+                                  (["gelu", "gelu_tanh"], ["tanh", "identity"])])
+def test_gradient_through_either_output(backend, which, acts):
+    """The gradient to z through x_new alone, the soft labels alone or both: the backward reuses the outputs
+    where the activations allow it (decoder ending in tanh/relu, labeler ending with no activation) and
+    recomputes them elsewhere; both against autograd of the float64 reference."""
+    g = torch.Generator().manual_seed(11)
+    dec = make_layers([5, 23, 17], acts[0], gen=g)
+    lab = make_layers([17] + [13] * (len(acts[1]) - 1) + [6], acts[1], gen=g)
+    z = torch.randn(70, 5, generator=g)
+    wx = torch.randn(70, 17, generator=g, dtype=torch.float64)
+    ws = torch.randn(70, 6, generator=g, dtype=torch.float64)
+    kw = dict(sigma=0.4, seed=3, temperature=0.7)
+
+    def grad(fn, zz, dec_l, lab_l):
+        zz = zz.detach().clone().requires_grad_(True)
+        x, s = fn(zz, dec_l, lab_l, **kw)
+        loss = {"x_new": (x.double() * wx).sum(), "soft": (s.double() * ws).sum(),
+                "both": (x.double() * wx).sum() + (s.double() * ws).sum()}[which]
+        loss.backward()
+        return zz.grad
+
+    out = grad(lambda *a, **k: perturb_decode_label_mlp(*a, backend=backend, **k), z, dec, lab)
+    truth = grad(reference.perturb_decode_label_mlp, z.double(), round_layers(dec, torch.float32),
+                 round_layers(lab, torch.float32))
+    torch.testing.assert_close(out.double(), truth, rtol=1e-4, atol=1e-5)
+
+
+def test_outputs_modified_in_place_before_backward_are_refused():
+    dec = make_layers([4, 6], ["sigmoid"])
+    lab = make_layers([6, 3], ["identity"])
+    z = torch.randn(5, 4, requires_grad=True)
+    x, s = perturb_decode_label_mlp(z, dec, lab, sigma=0.1, seed=0, backend=CPU_BACKENDS[0])
+    loss = x.sum() + s[:, 0].sum()
+    if CPU_BACKENDS[0] == "cpp":  # the C++ backward reads the outputs: a change to them is caught, not used
+        x.mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+    else:
+        loss.backward()
+        assert z.grad is not None
+
+
 def test_weights_requiring_grad_are_frozen_with_a_warning():
     dec = make_layers([4, 6], ["relu"])
     lab = make_layers([6, 3], ["identity"])

@@ -20,10 +20,13 @@ runs as a fused kernel chain that draws the noise in place (the counter-based ge
 * :func:`perturb_decode_label_mlp` runs the chain on the backend :func:`tgtfast.dispatch.select` picks, and is
   differentiable with respect to ``z``.
 
-Gradients. The backward pass recomputes the chain from the perturbed latent (``[B, d]``, the only thing the
-forward saves) block by block, so its extra memory is one block of hidden activations, never ``[B, hidden]``:
-on the CPU in C++ (``tgtfast::mlp_chain_bwd``, blocks of 64 rows in parallel), on the GPU with torch ops on
-chunks of about 2**20 hidden values.
+Gradients. The backward pass recomputes the chain from the perturbed latent (``[B, d]``) block by block, so its
+extra memory is one block of hidden activations, never ``[B, hidden]``: on the CPU in C++
+(``tgtfast::mlp_chain_bwd``, blocks of 64 rows in parallel), on the GPU with torch ops on chunks of about 2**20
+hidden values. For float32 on the CPU the forward also keeps its two outputs (which the caller holds anyway) for
+the backward, which then skips recomputing the decoder's last layer (when its activation is the identity, ReLU,
+sigmoid or tanh, whose derivative follows from the output) and the labeler's last layer (when it has no
+activation): modifying ``x_new`` or the soft labels in place before ``backward`` is then an autograd error.
 The teacher is frozen: the weights and biases are constants of the op and never receive a gradient. If one of
 them requires grad while grad mode is on, a ``UserWarning`` says so once and the weights are still treated as
 constants (``.grad`` stays ``None``); to train a teacher through this chain, call the modules eagerly instead.
@@ -209,7 +212,7 @@ if _ext.ext is not None and hasattr(torch.ops.tgtfast, "mlp_chain_fwd"):
 
         @torch.library.register_fake("tgtfast::mlp_chain_bwd")
         def _mlp_chain_bwd_fake(perturbed, weights, biases, activations, num_decoder_layers, temperature, grad_x,
-                                grad_soft):
+                                grad_soft, x_new=None, soft=None):
             return torch.empty_like(perturbed)
 
         _BWD["cpp"] = torch.ops.tgtfast.mlp_chain_bwd.default
@@ -272,7 +275,11 @@ class _MlpChain(torch.autograd.Function):
         x_new, soft, pert = _FWD[backend](z, weights, biases, acts, len(dec), float(sigma), signed_seed, int(offset),
                                           float(temperature), need)
         ctx.dec, ctx.lab, ctx.temperature, ctx.z_dtype, ctx.backend = dec, lab, temperature, z.dtype, backend
-        if need:
+        # the C++ backward takes the float32 outputs too and skips recomputing the layers that made them
+        ctx.with_outputs = need and backend in _BWD and z.dtype == torch.float32
+        if ctx.with_outputs:
+            ctx.save_for_backward(pert, x_new, soft)
+        elif need:
             ctx.save_for_backward(pert)
         ctx.set_materialize_grads(False)
         return x_new, soft
@@ -281,13 +288,15 @@ class _MlpChain(torch.autograd.Function):
     def backward(ctx, g_x, g_soft):
         if g_x is None and g_soft is None:
             return (None,) * 8
-        (pert,) = ctx.saved_tensors
+        pert, *outputs = ctx.saved_tensors
         g_x, g_soft = (None if g is None else g.to(torch.float32).contiguous() for g in (g_x, g_soft))
         bwd = _BWD.get(ctx.backend)
         if bwd is not None:
             layers = list(ctx.dec) + list(ctx.lab)
+            x_new, soft = outputs if outputs else (None, None)
             grad = bwd(pert, [w for w, _, _ in layers], [b for _, b, _ in layers],
-                       [ACTIVATIONS[a] for _, _, a in layers], len(ctx.dec), float(ctx.temperature), g_x, g_soft)
+                       [ACTIVATIONS[a] for _, _, a in layers], len(ctx.dec), float(ctx.temperature), g_x, g_soft,
+                       x_new, soft)
         else:
             grad = _chunked_backward(pert, ctx.dec, ctx.lab, ctx.temperature, g_x, g_soft)
         return grad.to(ctx.z_dtype), None, None, None, None, None, None, None
