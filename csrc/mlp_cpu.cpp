@@ -184,6 +184,14 @@ bool grad_from_output(cpu::Act act) {
   return act == cpu::Act::kIdentity || act == cpu::Act::kRelu || act == cpu::Act::kSigmoid || act == cpu::Act::kTanh;
 }
 
+// True if `t` is given; it must then be a contiguous float32 [rows, cols] tensor.
+bool given_rows(const std::optional<at::Tensor>& t, const char* name, int64_t rows, int64_t cols) {
+  if (!t.has_value() || !t->defined()) return false;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->sizes() == at::IntArrayRef({rows, cols}),
+              "mlp_chain_bwd: ", name, " must be a contiguous float32 [", rows, ", ", cols, "] tensor");
+  return true;
+}
+
 // Gradient to the perturbed latent. Per block of rows: the forward again, keeping the block's pre- and
 // post-activations of every layer in per-thread buffers, then back through the layers with dA_l = dPre_l W_l
 // and dPre_l = dA_{l+1} * act_l'. With no gradient for the soft labels the labeler is skipped. With AVX2 both
@@ -224,33 +232,13 @@ at::Tensor mlp_chain_bwd_cpu(const at::Tensor& perturbed, at::TensorList weights
     off[l + 1] = off[l] + width;
   }
   const int64_t x_width = weights[num_decoder_layers - 1].size(0);
-  const bool has_gx = grad_x.has_value() && grad_x->defined();
-  const bool has_gs = grad_soft.has_value() && grad_soft->defined();
-  if (has_gx) {
-    TORCH_CHECK(grad_x->scalar_type() == at::kFloat && grad_x->is_contiguous() &&
-                    grad_x->sizes() == at::IntArrayRef({B, x_width}),
-                "mlp_chain_bwd: grad_x must be a contiguous float32 [", B, ", ", x_width, "] tensor");
-  }
-  if (has_gs) {
-    TORCH_CHECK(grad_soft->scalar_type() == at::kFloat && grad_soft->is_contiguous() &&
-                    grad_soft->sizes() == at::IntArrayRef({B, width}),
-                "mlp_chain_bwd: grad_soft must be a contiguous float32 [", B, ", ", width, "] tensor");
-  }
+  const bool has_gx = given_rows(grad_x, "grad_x", B, x_width);
+  const bool has_gs = given_rows(grad_soft, "grad_soft", B, width);
   const int64_t last_dec = num_decoder_layers - 1;
-  const bool reuse_x = x_new.has_value() && x_new->defined() &&
-                       grad_from_output(static_cast<cpu::Act>(activations[last_dec]));
-  const bool reuse_soft = has_gs && soft.has_value() && soft->defined() &&
-                          static_cast<cpu::Act>(activations[L - 1]) == cpu::Act::kIdentity;
-  if (reuse_x) {
-    TORCH_CHECK(x_new->scalar_type() == at::kFloat && x_new->is_contiguous() &&
-                    x_new->sizes() == at::IntArrayRef({B, x_width}),
-                "mlp_chain_bwd: x_new must be a contiguous float32 [", B, ", ", x_width, "] tensor");
-  }
-  if (reuse_soft) {
-    TORCH_CHECK(soft->scalar_type() == at::kFloat && soft->is_contiguous() &&
-                    soft->sizes() == at::IntArrayRef({B, width}),
-                "mlp_chain_bwd: soft must be a contiguous float32 [", B, ", ", width, "] tensor");
-  }
+  const bool reuse_x = grad_from_output(static_cast<cpu::Act>(activations[last_dec])) &&
+                       given_rows(x_new, "x_new", B, x_width);
+  const bool reuse_soft = has_gs && static_cast<cpu::Act>(activations[L - 1]) == cpu::Act::kIdentity &&
+                          given_rows(soft, "soft", B, width);
   auto grad_z = at::zeros({B, d}, perturbed.options());
   if (B == 0 || (!has_gx && !has_gs)) return grad_z;
 
