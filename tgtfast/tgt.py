@@ -291,11 +291,17 @@ def _tensors_of(part: object) -> List[torch.Tensor]:
     return []
 
 
-def _check_part(part: object, name: str, device: torch.device) -> None:
+def _check_part(part: object, name: str) -> None:
     if not (_is_layer_list(part) or callable(part)):
         raise TypeError(f"{name} must be an nn.Module, a callable or a list of (weight, bias, activation), "
                         f"got {type(part).__name__}")
-    for t in _tensors_of(part):
+
+
+def _check_device(part: object, layers, name: str, device: torch.device) -> None:
+    """Every tensor of `part` on `device`: those of its MLP `layers` when it is one (all an MLP has), else
+    every parameter and buffer."""
+    tensors = [t for w, b, _ in layers for t in (w, b) if t is not None] if layers is not None else _tensors_of(part)
+    for t in tensors:
         if t.device != device:
             raise ValueError(f"{name} has parameters on {t.device} but z is on {device}")
 
@@ -400,10 +406,12 @@ def perturb_decode_label(
     temperature = _check_real("temperature", temperature, positive=True)
     seed = _check_seed(seed)
     offset = _check_offset(offset, z.numel())
-    _check_part(decoder, "decoder", z.device)
-    _check_part(labeler, "labeler", z.device)
+    _check_part(decoder, "decoder")
+    _check_part(labeler, "labeler")
     mlp = _load_mlp()
     dec_layers, lab_layers = _as_layers(decoder, "decoder", mlp), _as_layers(labeler, "labeler", mlp)
+    _check_device(decoder, dec_layers, "decoder", z.device)
+    _check_device(labeler, lab_layers, "labeler", z.device)
     if dec_layers is not None and dec_layers[0][0].shape[1] != z.shape[-1]:
         raise ValueError(
             f"decoder takes latent width {dec_layers[0][0].shape[1]} but z has width {z.shape[-1]} (last dimension)"
