@@ -41,20 +41,22 @@ int64_t block_rows() {
 
 // The layers' weights copied once per call into the panels of isa.gemm (csrc/mlp_cpu_kernel.h), as B = W^T
 // (forward: [rows, in] x W^T) or, with `transposed`, as B = W (backward: [rows, out] x W). Panels are copied in
-// parallel. Empty (storage undefined) where the instruction set has no GEMM kernel: the launchers then use
-// at::mm_out.
+// parallel; layers with `used[l]` false (when given) are left out. Empty (storage undefined) where the
+// instruction set has no GEMM kernel: the launchers then use at::mm_out.
 struct PackedWeights {
   at::Tensor storage;
   std::vector<const float*> ptr;
 };
 
-PackedWeights pack_weights(const cpu::MlpIsa& isa, at::TensorList weights, int64_t layers, bool transposed) {
+PackedWeights pack_weights(const cpu::MlpIsa& isa, at::TensorList weights, int64_t layers, bool transposed,
+                           const std::vector<bool>& used = {}) {
   PackedWeights out;
   if (isa.gemm == nullptr) return out;
   std::vector<int64_t> off(layers + 1, 0), first_panel(layers + 1, 0);
   for (int64_t l = 0; l < layers; ++l) {
+    const bool keep = used.empty() || used[l];
     const int64_t rows_w = weights[l].size(0), cols_w = weights[l].size(1);
-    const int64_t n = transposed ? cols_w : rows_w, k = transposed ? rows_w : cols_w;
+    const int64_t n = !keep ? 0 : transposed ? cols_w : rows_w, k = transposed ? rows_w : cols_w;
     off[l + 1] = off[l] + (cpu::packed_b_size(n, k) + 15) / 16 * 16;  // 64-byte aligned panels
     first_panel[l + 1] = first_panel[l] + (n + cpu::kGemmPanel - 1) / cpu::kGemmPanel;
   }
@@ -130,8 +132,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cpu(
 
   const cpu::MlpIsa isa = cpu::cpu_has_avx2() ? cpu::mlp_isa_avx2() : cpu::mlp_isa_base();
   const PackedWeights packed = pack_weights(isa, weights, L, /*transposed=*/false);
-  std::vector<at::Tensor> wt(L);
-  for (int64_t l = 0; l < L; ++l) wt[l] = weights[l].t();  // [in, out] views for at::mm_out
   const float inv_t = static_cast<float>(1.0 / temperature);
   const uint64_t useed = static_cast<uint64_t>(seed);
   const int64_t kBlockRows = block_rows();
@@ -162,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cpu(
           isa.gemm(in, in_w, packed.ptr[l], rows, out_w, in_w, out, out_w);
         } else {
           auto out_t = at::from_blob(out, {rows, out_w}, fopts);
-          at::mm_out(out_t, at::from_blob(in, {rows, in_w}, fopts), wt[l]);
+          at::mm_out(out_t, at::from_blob(in, {rows, in_w}, fopts), weights[l].t());
         }
         isa.bias_act(out, rows, out_w, out_w, bias_ptr[l], static_cast<cpu::Act>(activations[l]));
         if (last) isa.softmax(out, rows, out_w, out_w, inv_t);
@@ -248,10 +248,11 @@ at::Tensor mlp_chain_bwd_cpu(const at::Tensor& perturbed, at::TensorList weights
   const int64_t kBlockRows = block_rows();
   const int64_t blocks = (B + kBlockRows - 1) / kBlockRows;
   const auto fopts = perturbed.options();
-  const PackedWeights packed = pack_weights(isa, weights, layers, /*transposed=*/false);
+  std::vector<bool> recomputed(layers, true);  // the layers the forward pass below runs again
+  if (reuse_x) recomputed[last_dec] = false;
+  if (reuse_soft) recomputed[L - 1] = false;
+  const PackedWeights packed = pack_weights(isa, weights, layers, /*transposed=*/false, recomputed);
   const PackedWeights packed_t = pack_weights(isa, weights, layers, /*transposed=*/true);
-  std::vector<at::Tensor> wt(L);
-  for (int64_t l = 0; l < L; ++l) wt[l] = weights[l].t();
 
   std::atomic<int64_t> next_block{0};
   at::parallel_for(0, std::min<int64_t>(blocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
@@ -278,7 +279,7 @@ at::Tensor mlp_chain_bwd_cpu(const at::Tensor& perturbed, at::TensorList weights
           isa.gemm(in, in_w, packed.ptr[l], rows, out_w, in_w, p, out_w);
         } else {
           auto p_t = at::from_blob(p, {rows, out_w}, fopts);
-          at::mm_out(p_t, at::from_blob(const_cast<float*>(in), {rows, in_w}, fopts), wt[l]);
+          at::mm_out(p_t, at::from_blob(const_cast<float*>(in), {rows, in_w}, fopts), weights[l].t());
         }
         if (bias_ptr[l] != nullptr) isa.bias_act(p, rows, out_w, out_w, bias_ptr[l], cpu::Act::kIdentity);
         std::copy(p, p + rows * out_w, q);

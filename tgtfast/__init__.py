@@ -12,7 +12,7 @@
 * :func:`perturb_decode_label`: Teacher Guided Training's perturb -> decode -> label step, with the counter-based
   noise :func:`latent_noise`, the fused :func:`perturb` and :func:`temperature_softmax`.
 * :func:`backends`: which implementations this machine can run, and why not the others;
-  :func:`empty_cpu_cache` frees the gradient blocks the C++ ops keep for reuse.
+  :func:`empty_cpu_cache` frees the output blocks the C++ ops keep for reuse.
 * :mod:`tgtfast.reference`: the eager PyTorch specification every backend is tested against.
 """
 

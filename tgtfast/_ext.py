@@ -29,11 +29,12 @@ except ImportError as exc:  # pragma: no cover - depends on how the package was 
 
 
 def empty_cpu_cache() -> int:
-    """Free the CPU gradient blocks the fused ops keep for reuse; returns the number of bytes released.
+    """Free the CPU output blocks the fused ops keep for reuse; returns the number of bytes released.
 
-    The C++ losses write their gradients into large blocks on huge pages and keep up to two freed blocks
-    (at most ``TGTFAST_CPU_CACHE_MB`` MiB, default 2048; 0 turns the cache off) for the next call of the same
-    size, so a training loop does not fault fresh memory in every step. Like ``torch.cuda.empty_cache``,
+    The C++ ops write their large outputs (the losses' gradients, the TGT step's samples and soft labels) into
+    blocks on huge pages and keep up to four freed blocks (at most ``TGTFAST_CPU_CACHE_MB`` MiB, default 2048; 0
+    turns the cache off) for the next call of the same size, so a training loop does not fault fresh memory in
+    every step. Like ``torch.cuda.empty_cache``,
     this only returns memory no tensor uses.
     """
     return int(ext.release_cached_buffers()) if ext is not None else 0

@@ -11,8 +11,8 @@ Ops (``--op``; all of them by default):
 For each op and shape, the rows are the eager reference (``eager``), ``torch.compile`` of it (``compile``;
 absent where compiling makes no sense) and every backend of the package that can run the inputs. The rows take
 turns, one call each per round (:func:`time_in_turns`), so that a change of load on a shared machine hits them
-alike. Each row reports the median time with its min-max spread, on the CPU the minor page faults per call, the speed-ups over eager and over ``torch.compile``, the
-achieved bytes per second against the copy bandwidth measured in the same run (the memory roofline: the bytes
+alike. Each row reports the median time with its min-max spread, on the CPU the minor page faults per call, the
+speed-ups over eager and over ``torch.compile``, the achieved bytes per second against the copy bandwidth measured in the same run (the memory roofline: the bytes
 the op cannot avoid moving, listed per op in :data:`ROOFLINE_BYTES`), the cost per element of the work (flat
 when cost grows linearly), peak memory, and whether the result matched the eager reference.
 

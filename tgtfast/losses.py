@@ -14,7 +14,6 @@ from tgtfast import functional as F
 __all__ = ["PTLoss", "KDLoss", "LabelSmoothedKDLoss", "FocalKDLoss"]
 
 
-
 def coeffs_buffer(coeffs, classes: str = "K") -> torch.Tensor:
     """The module-owned copy of PTLoss coefficients: ``[M]`` or ``[M, <classes>]`` floats (empty for ``None``)."""
     if coeffs is None:
@@ -25,6 +24,7 @@ def coeffs_buffer(coeffs, classes: str = "K") -> torch.Tensor:
     if eta.dim() not in (1, 2):
         raise ValueError(f"coeffs must have shape [M] or [M, {classes}], got {tuple(eta.shape)}")
     return eta.detach().clone()
+
 
 class _DistillLoss(nn.Module):
     def __init__(self, *, temperature: float, teacher_is_logits: bool, reduction: str, ignore_index: int,
