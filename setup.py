@@ -17,7 +17,7 @@ one the processor supports is chosen at run time: a wheel built here runs on any
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -84,7 +84,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["tgtfast", "tgtfast.kernels"],
+    packages=find_packages(include=["tgtfast", "tgtfast.*"]) + ["tgtfast.kernels"],
     package_dir={"tgtfast": "tgtfast", "tgtfast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

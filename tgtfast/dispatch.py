@@ -6,9 +6,12 @@ PyTorch, any device). ``backend=None`` (or ``"auto"``) picks, in order, cuda -> 
 cpp for CPU tensors, falling back to the reference. The environment variable ``TGTFAST_BACKEND`` overrides
 ``auto`` for the whole process. Nothing else in the package looks at devices to choose an implementation.
 
-Not every op has every backend: a module that defines an op declares, with :func:`register_op`, which backends
-lack it (and why) and, where narrower than the backend's, which dtypes its kernels take; :func:`select` and
-:func:`backends` take the op's name into account.
+Not every op has every backend: the module of an op (``tgtfast/ops/<stem>.py``) declares, with
+:func:`register_op`, which backends lack it (and why), where narrower than the backend's which dtypes its kernels
+take, and which backends load their kernels only when first chosen (Triton: importing it costs seconds, so
+``import tgtfast`` does not). :func:`select` and :func:`backends` take the op's name into account.
+
+This module is a leaf: it imports the compiled extension's loader and nothing else of the package; ops import it.
 """
 
 from __future__ import annotations
@@ -16,13 +19,13 @@ from __future__ import annotations
 import enum
 import importlib.util
 import os
-from typing import Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-from tgtfast import _ext, _ops
+from tgtfast import _ext
 
-__all__ = ["Backend", "backends", "select", "register_op"]
+__all__ = ["Backend", "backends", "select", "register_op", "ensure_loaded"]
 
 
 class Backend(str, enum.Enum):
@@ -73,37 +76,65 @@ _HAS_CUDA_DEVICE = torch.cuda.is_available()
 
 # op name -> (backend -> why that backend lacks the op, backend -> dtypes the op's kernels take there)
 _OPS: Dict[str, Tuple[Dict[Backend, str], Dict[Backend, Tuple[torch.dtype, ...]]]] = {}
+# op name -> backend -> loader not yet run (it registers the kernels; raising means they cannot load)
+_LOADERS: Dict[str, Dict[Backend, Callable[[], None]]] = {}
 
 
 def register_op(
     op: str,
     missing: Optional[Dict[Union[str, Backend], str]] = None,
     dtypes: Optional[Dict[Union[str, Backend], Tuple[torch.dtype, ...]]] = None,
+    loaders: Optional[Dict[Union[str, Backend], Callable[[], None]]] = None,
 ) -> None:
     """Declare which backends implement `op`: `missing` maps each backend without it (or whose kernels for it
-    failed to load) to the reason; `dtypes` narrows the dtypes a backend takes for this op. Backends not named
+    failed to load) to the reason; `dtypes` narrows the dtypes a backend takes for this op; `loaders` maps a
+    backend to a function that loads its kernels, run once, the first time that backend is considered for the op
+    (an exception it raises marks the backend missing, with the exception as the reason). Backends not named
     implement it with all their dtypes. Calling it again for the same op replaces the declaration."""
     _OPS[op] = (
         {Backend(b): why for b, why in (missing or {}).items()},
         {Backend(b): tuple(d) for b, d in (dtypes or {}).items()},
     )
+    _LOADERS[op] = {Backend(b): fn for b, fn in (loaders or {}).items()}
 
 
-def _status(op: Optional[str] = None) -> Dict[Backend, Optional[str]]:
+def ensure_loaded(op: str, backend: Union[str, Backend]) -> Optional[str]:
+    """Run `op`'s loader for `backend` if it has one not yet run; returns None when the backend's kernels for
+    `op` are loaded (or need no loading), else why not."""
+    backend = Backend(backend)
+    loader = _LOADERS.get(op, {}).pop(backend, None)
+    if loader is not None:
+        try:
+            loader()
+        except Exception as exc:  # a broken or missing Triton install: the backend is reported unavailable
+            why = f"kernels failed to load ({type(exc).__name__}: {exc})"
+            _OPS.setdefault(op, ({}, {}))[0][backend] = why
+    entry = _OPS.get(op)
+    return None if entry is None else entry[0].get(backend)
+
+
+def _status(op: Optional[str] = None, load: Union[Backend, str, None] = None) -> Dict[Backend, Optional[str]]:
+    """Backend -> None if it can run `op` at all, else why not; `load` ("all" or one backend) first runs the
+    pending loaders of the backends that are otherwise available."""
     status = dict(_PROBED)
+    if status[Backend.TRITON] is None and not _HAS_CUDA_DEVICE and not triton_interpret():
+        status[Backend.TRITON] = "no CUDA device visible (set TRITON_INTERPRET=1 to run on the CPU, slowly)"
+    if op is not None and load is not None:
+        for b in list(_LOADERS.get(op, {})):
+            if status[b] is None and (load == "all" or b == load):
+                ensure_loaded(op, b)
     if op in _OPS:
         for b, why in _OPS[op][0].items():
             if status[b] is None:
                 status[b] = why
-    if status[Backend.TRITON] is None and not _HAS_CUDA_DEVICE and not triton_interpret():
-        status[Backend.TRITON] = "no CUDA device visible (set TRITON_INTERPRET=1 to run on the CPU, slowly)"
     return status
 
 
 def backends(op: Optional[str] = None) -> Dict[str, str]:
     """What is available on this machine: ``{name: "available" | "unavailable: <why>"}``; with `op`, for
     that op (e.g. ``"ptloss"``, ``"perturb_decode_label_mlp"``)."""
-    return {b.value: ("available" if why is None else f"unavailable: {why}") for b, why in _status(op).items()}
+    status = _status(op, load="all")  # an explicit question about an op loads its kernels to answer it
+    return {b.value: ("available" if why is None else f"unavailable: {why}") for b, why in status.items()}
 
 
 def _env_backend() -> Backend:
@@ -118,7 +149,7 @@ def _env_backend() -> Backend:
 
 def _supports(backend: Backend, device: torch.device, dtype: torch.dtype, op: Optional[str] = None) -> Optional[str]:
     """None if `backend` can run `op` on this device and dtype, else why not."""
-    why = _status(op)[backend]
+    why = _status(op, load=backend)[backend]
     if why is not None:
         return why
     if backend is Backend.CUDA and device.type != "cuda":
@@ -160,8 +191,3 @@ def select(
             return candidate
     return Backend.REFERENCE
 
-
-register_op(
-    "ptloss",
-    missing={} if "triton" in _ops.PTLOSS_FWD else {Backend.TRITON: f"Triton kernels failed to load ({_ops.triton_error})"},
-)
