@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from tgtfast.trainer import TGTConfig
-from tgtfast.train_cli import CONFIG_KEYS, LOSS_KEYS, help_config, train_main
+from tgtfast.train import TGTConfig
+from tgtfast.cli.train import CONFIG_KEYS, LOSS_KEYS, help_config, main as train_main
 
 FACTORIES = '''
 import torch

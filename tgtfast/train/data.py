@@ -1,0 +1,148 @@
+"""The trainer's data: datasets and their batching, the order of the examples over the steps, and the batch
+sampler that lets DataLoader workers load the batches in that order."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from tgtfast.train.noise import mix
+
+__all__ = ["TensorPairs", "as_dataset", "default_batch_fn", "load_batch", "StepPlan", "StepSampler"]
+
+Batch = Tuple[int, List[int], int, int]  # micro index, local example indices, first local position, global size
+
+
+class TensorPairs(torch.utils.data.Dataset):
+    """Rows of equally long tensors ``(x, y, ...)`` as a dataset (batches are gathered, not collated)."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        n = tensors[0].shape[0]
+        for i, t in enumerate(tensors):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"train/val tuple element {i} must be a tensor, got {type(t).__name__}")
+            if t.shape[0] != n:
+                raise ValueError(f"train/val tensors disagree on the number of examples: {n} vs {t.shape[0]}")
+        self.tensors = tuple(tensors)
+
+    def __len__(self) -> int:
+        return self.tensors[0].shape[0]
+
+    def __getitem__(self, i: int):
+        return tuple(t[i] for t in self.tensors)
+
+
+def as_dataset(data: Any, name: str) -> Tuple[torch.utils.data.Dataset, Callable]:
+    """A map-style dataset and the collate function to batch it."""
+    from torch.utils.data import DataLoader, Dataset
+    from torch.utils.data._utils.collate import default_collate
+
+    if isinstance(data, DataLoader):
+        return as_dataset(data.dataset, name)[0], data.collate_fn or default_collate
+    if isinstance(data, torch.Tensor):
+        return TensorPairs([data]), default_collate
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        return TensorPairs(list(data)), default_collate
+    if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        if isinstance(data, torch.utils.data.IterableDataset):
+            raise TypeError(f"{name} must be a map-style dataset (indexable, with a length), not an IterableDataset")
+        return data, default_collate
+    raise TypeError(
+        f"{name} must be a map-style Dataset, a DataLoader over one, or a tuple of tensors (x, y), "
+        f"got {type(data).__name__}"
+    )
+
+
+def default_batch_fn(batch: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 2:
+        return batch[0], (batch[1] if len(batch) == 2 else None)
+    raise TypeError(
+        f"a batch is a {type(batch).__name__}; the default batch_fn takes (x, y) or (x,) batches: pass "
+        f"batch_fn=lambda batch: (inputs, labels) to TGTTrainer"
+    )
+
+
+def load_batch(dataset, collate, batch_fn: Callable, indices: Sequence[int], device: torch.device,
+               batch: Any = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(inputs, labels)`` of the examples ``indices`` on ``device`` (``batch``: already collated by a worker)."""
+    if batch is not None:  # collated by a DataLoader worker
+        pass
+    elif isinstance(dataset, TensorPairs):  # rows of tensors: one gather instead of a per-example collate
+        ii = torch.as_tensor(list(indices), dtype=torch.long)
+        batch = tuple(t[ii] for t in dataset.tensors)
+    else:
+        batch = collate([dataset[int(i)] for i in indices])
+    out = batch_fn(batch)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(f"batch_fn must return (inputs, labels), got {type(out).__name__}")
+    x, y = out
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"batch_fn must return inputs as a tensor, got {type(x).__name__}")
+    x = x.to(device)
+    if y is not None:
+        if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dtype == torch.bool:
+            raise TypeError("batch_fn must return labels as an integer tensor (class indices) or None")
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"labels must have shape [{x.shape[0]}], got {tuple(y.shape)}")
+        y = y.to(device=device, dtype=torch.long)
+    return x, y
+
+
+class StepPlan:
+    """How ``n`` examples are cut into steps: micro-batches per epoch, optimiser steps per epoch and in all, and
+    the micro-batches of this rank at every step (an epoch's order is a permutation seeded by (seed, epoch))."""
+
+    def __init__(self, config: Any, n: int, rank: int = 0, world_size: int = 1) -> None:
+        c = self.config = config
+        self.n, self.rank, self.world_size = n, rank, world_size
+        if c.batch_size < world_size:
+            raise ValueError(f"config.batch_size ({c.batch_size}) is the global micro-batch and must be at least the "
+                             f"number of processes ({world_size})")
+        full, rest = divmod(n, c.batch_size)
+        self.micro = full + (1 if rest and not c.drop_last and rest >= world_size else 0)
+        if self.micro == 0:
+            raise ValueError(
+                f"the training set ({n} examples) gives no micro-batch of batch_size={c.batch_size} "
+                f"(drop_last={c.drop_last}, {world_size} processes)"
+            )
+        self.steps_per_epoch = math.ceil(self.micro / c.grad_accum_steps)
+        self.total = c.max_steps if c.max_steps is not None else c.epochs * self.steps_per_epoch
+        self._perm: Optional[Tuple[int, torch.Tensor]] = None  # (epoch, its example order)
+
+    def batches(self, step: int) -> Tuple[int, List[Batch]]:
+        """Epoch and this rank's micro-batches of optimiser step ``step``: (micro index, local example indices,
+        position of the first local example in the global micro-batch, global micro-batch size)."""
+        c, n = self.config, self.n
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(mix(c.seed, epoch, 0x5EED))
+            self._perm = (epoch, torch.randperm(n, generator=g))
+        perm = self._perm[1]
+        out = []
+        for m in range(k * c.grad_accum_steps, min((k + 1) * c.grad_accum_steps, self.micro)):
+            pos = perm[m * c.batch_size:min((m + 1) * c.batch_size, n)]
+            size = pos.numel()
+            base, extra = divmod(size, self.world_size)
+            start = self.rank * base + min(self.rank, extra)
+            count = base + (1 if self.rank < extra else 0)
+            out.append((m - k * c.grad_accum_steps, pos[start:start + count].tolist(), start, size))
+        return epoch, out
+
+
+class StepSampler:
+    """The batch sampler of the DataLoader used with ``num_workers > 0``: this rank's micro-batches of the steps
+    ``start .. total - 1``, in the order the training loop consumes them."""
+
+    def __init__(self, plan: StepPlan, start: int, total: int) -> None:
+        # A plan of its own: the sampler runs ahead of the loop and must not move the loop's cached order.
+        self.plan = StepPlan(plan.config, plan.n, plan.rank, plan.world_size)
+        self.start, self.total = start, total
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            for _, idx, _, _ in self.plan.batches(step)[1]:
+                yield idx

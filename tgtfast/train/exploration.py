@@ -1,0 +1,115 @@
+"""New samples from the teacher's latent space (TGT paper Sec. 3.2): random perturbation of ``Enc(x)`` or
+gradient ascent on the student-teacher divergence, decoded and labelled through
+:func:`tgtfast.perturb_decode_label` (fused kernels when the decoder and labeler are MLPs)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from tgtfast.train.noise import noise_seed
+
+__all__ = ["explore", "loss_sum", "soft_labels_as_logits", "autocast", "perturb_decode_label_fn"]
+
+
+def _eager_perturb_decode_label(z: torch.Tensor, decoder: Callable, labeler: Callable, *, sigma: float, seed: int,
+                                offset: int = 0, temperature: float = 1.0, backend: Optional[str] = None):
+    """Eager ``(decoder(z + sigma * noise), softmax(labeler(.) / temperature))`` with the package's noise."""
+    from tgtfast import reference
+
+    zz = z
+    if sigma != 0.0:
+        zz = z + sigma * reference.latent_noise(tuple(z.shape), seed, offset, device=z.device, dtype=z.dtype)
+    x = decoder(zz)
+    return x, torch.softmax(labeler(x).float() / temperature, dim=-1)
+
+
+def perturb_decode_label_fn() -> Callable:
+    """The package's :func:`tgtfast.perturb_decode_label` (looked up at every call, so that it can be wrapped),
+    or its eager equivalent."""
+    import tgtfast
+
+    return getattr(tgtfast, "perturb_decode_label", None) or _eager_perturb_decode_label
+
+
+def autocast(bf16: bool, device: torch.device):
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def loss_sum(loss: Callable, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of ``loss(s, t)`` (the loss is called once, on the whole block)."""
+    out = loss(s, t)
+    red = getattr(loss, "reduction", "batchmean")
+    if red == "sum":
+        return out
+    if red == "none" or out.dim() > 0:
+        return out.sum()
+    return out * s.shape[0]
+
+
+def soft_labels_as_logits(p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Teacher logits equivalent to the soft labels ``p = softmax(h / T)``: ``T log p = h - const``."""
+    return torch.log(p.float().clamp_min(torch.finfo(torch.float32).tiny)) * temperature
+
+
+def explore(z0: torch.Tensor, *, config: Any, step: int, micro: int, start: int, student: nn.Module,
+            decoder: Callable, labeler: Callable, loss: Callable, temperature: float
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """New samples ``x'`` and teacher logits ``h(x')`` for the latent codes ``z0`` ([n, d]) of a rank's share
+    of micro-batch ``micro`` of step ``step``, whose first example sits at position ``start`` of the global
+    micro-batch (see :mod:`tgtfast.train.noise` for the streams)."""
+    c = config
+    S = c.samples_per_example
+    z = z0.repeat_interleave(S, dim=0) if S > 1 else z0
+    d = z.shape[1]
+    pdl = perturb_decode_label_fn()
+    offset = start * S * d
+    T = temperature
+    if c.exploration == "random":
+        with torch.no_grad():
+            x_new, p = pdl(z, decoder, labeler, sigma=c.sigma, seed=noise_seed(c.seed, step, micro, 0),
+                           offset=offset, temperature=T)
+        return x_new.detach(), soft_labels_as_logits(p, T).detach()
+    # gradient exploration
+    import tgtfast
+
+    anchor = z.detach()
+    if c.sigma > 0:
+        seed0 = noise_seed(c.seed, step, micro, 0)
+        if hasattr(tgtfast, "perturb"):
+            z = tgtfast.perturb(anchor, c.sigma, seed0, offset)
+        else:
+            from tgtfast import reference
+
+            z = anchor + c.sigma * reference.latent_noise(tuple(anchor.shape), seed0, offset, device=anchor.device,
+                                                          dtype=anchor.dtype)
+    z = z.detach()
+    was_training = student.training
+    student.eval()  # no dropout draws, no batch-norm statistics updates while exploring
+    try:
+        for _ in range(c.explore_steps):
+            z.requires_grad_(True)
+            with torch.enable_grad():
+                x_new, p = pdl(z, decoder, labeler, sigma=0.0, seed=0, offset=0, temperature=T)
+                with autocast(c.bf16, z.device):
+                    s = student(x_new)
+                div = loss_sum(loss, s.float(), soft_labels_as_logits(p, T))
+                (g,) = torch.autograd.grad(div, z)
+            with torch.no_grad():
+                if c.explore_normalize:
+                    g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                z = z.detach() + c.explore_step_size * g
+                if c.explore_radius is not None:
+                    delta = z - anchor
+                    norm = delta.norm(dim=1, keepdim=True)
+                    z = anchor + delta * (c.explore_radius / norm.clamp_min(c.explore_radius))
+    finally:
+        student.train(was_training)
+    with torch.no_grad():
+        x_new, p = pdl(z.detach(), decoder, labeler, sigma=0.0, seed=0, offset=0, temperature=T)
+    return x_new.detach(), soft_labels_as_logits(p, T).detach()

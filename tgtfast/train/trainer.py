@@ -1,0 +1,470 @@
+"""Teacher Guided Training (TGT paper Sec. 3.2; docs/design.md section 3): :class:`TGTTrainer`.
+
+The teacher is a frozen generator (``encoder: X -> R^d``, ``decoder: R^d -> X``) and a frozen labeler
+``h: X -> R^K``. For a labelled batch ``(x, y)`` the student ``f`` minimises
+
+    w_ce * CE(f(x), y) + w_kd * l_d(f(x), h(x)) + w_tgt * l_d(f(x'), h(x'))
+
+where ``l_d`` is any distillation loss of the package (default :class:`tgtfast.KDLoss`) and the new samples
+``x'`` come from the teacher's latent space:
+
+* ``exploration="none"``: no new samples (plain distillation, plus the CE term);
+* ``"random"``: ``x' = Dec(Enc(x) + sigma * noise)``;
+* ``"gradient"``: start at ``z = Enc(x) + sigma * noise`` and take ``explore_steps`` ascent steps
+  ``z <- z + explore_step_size * grad_z l_d(f(Dec(z)), h(Dec(z)))`` (the gradient optionally normalised per row,
+  ``z`` optionally projected back into a ball of radius ``explore_radius`` around ``Enc(x)``), then
+  ``x' = Dec(z)``.
+
+``Enc(x)`` and ``h(x)`` of the training set are computed once and cached (``cache_teacher=True``). The
+perturb -> decode -> label step goes through :func:`tgtfast.perturb_decode_label` (fused kernels when the
+decoder and labeler are MLPs); the noise streams are described in :mod:`tgtfast.train.noise`.
+
+This module orchestrates; the pieces live beside it: :mod:`~tgtfast.train.config`, :mod:`~tgtfast.train.data`,
+:mod:`~tgtfast.train.preflight`, :mod:`~tgtfast.train.exploration`, :mod:`~tgtfast.train.checkpoint`,
+:mod:`~tgtfast.train.records` and :mod:`~tgtfast.train.distributed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as TF
+from torch import nn
+
+from tgtfast.train import checkpoint as ckpt
+from tgtfast.train.config import TGTConfig
+from tgtfast.train.data import StepPlan, StepSampler, TensorPairs, as_dataset, default_batch_fn, load_batch
+from tgtfast.train.distributed import broadcast_object, resolve_device, setup_distributed
+from tgtfast.train.exploration import autocast, explore, loss_sum
+from tgtfast.train.noise import mix
+from tgtfast.train.preflight import probe, scan_training_set
+from tgtfast.train.records import TGTHistory, append_jsonl, plot_history, progress
+
+__all__ = ["TGTTrainer"]
+
+
+class TGTTrainer:
+    """Train ``student`` by Teacher Guided Training (see the module docstring for the objective).
+
+    Args:
+        student: the model trained; maps a batch of inputs ``x`` to logits ``[N, K]``.
+        labeler: the frozen teacher labeler ``h``: inputs to logits ``[N, K]``.
+        decoder: the frozen teacher decoder ``Dec: [N, d] -> inputs`` (``None`` only with ``exploration="none"``).
+        encoder: the frozen teacher encoder ``Enc: inputs -> [N, d]`` (needed for exploration).
+        loss: the distillation loss ``l_d(student_logits, teacher_logits)``: any loss of the package
+            (:class:`tgtfast.KDLoss`, :class:`tgtfast.PTLoss` e.g. with coefficients from
+            :func:`tgtfast.search_coefficients`, ...) or a callable returning the mean over rows. Its
+            ``temperature`` attribute (if any) is the temperature of the teacher's soft labels. Default
+            ``tgtfast.KDLoss()``.
+        config: a :class:`TGTConfig`.
+        batch_fn: maps a collated batch to ``(inputs, labels)``; labels may be ``None`` (unlabelled) and
+            label ``-100`` marks an unlabelled example. Default: batches ``(x, y)`` or ``(x,)``.
+        optimizer: optional ``params -> torch.optim.Optimizer`` factory replacing ``config.optimizer``.
+
+    The teacher modules are put in eval mode and their parameters stop requiring gradients. During gradient
+    exploration the student runs in eval mode (no dropout, no batch-norm statistics updates).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        labeler: Callable[[torch.Tensor], torch.Tensor],
+        decoder: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        encoder: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        *,
+        loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+        config: Optional[TGTConfig] = None,
+        batch_fn: Optional[Callable[[Any], Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None,
+        optimizer: Optional[Callable[[Any], torch.optim.Optimizer]] = None,
+    ) -> None:
+        import tgtfast
+
+        config = TGTConfig() if config is None else config
+        if not isinstance(config, TGTConfig):
+            raise TypeError(f"config must be a tgtfast.TGTConfig, got {type(config).__name__}")
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"student must be a torch.nn.Module, got {type(student).__name__}")
+        for name, mod in (("labeler", labeler), ("decoder", decoder), ("encoder", encoder)):
+            if mod is not None and not callable(mod):
+                raise TypeError(f"{name} must be a module or callable, got {type(mod).__name__}")
+        if labeler is None:
+            raise TypeError("labeler is required (the teacher that labels inputs)")
+        if config.exploration != "none":
+            if decoder is None:
+                raise ValueError(f"exploration={config.exploration!r} needs a decoder (or use exploration='none')")
+            if encoder is None:
+                raise ValueError(
+                    f"exploration={config.exploration!r} needs an encoder to map the training inputs to latent "
+                    "codes (or use exploration='none')"
+                )
+        if loss is not None and not callable(loss):
+            raise TypeError(f"loss must be callable (student_logits, teacher_logits) -> loss, got {type(loss).__name__}")
+        if batch_fn is not None and not callable(batch_fn):
+            raise TypeError(f"batch_fn must be callable, got {type(batch_fn).__name__}")
+        if optimizer is not None and not callable(optimizer):
+            raise TypeError(f"optimizer must be a callable params -> Optimizer, got {type(optimizer).__name__}")
+        self.student = student
+        self.labeler = labeler
+        self.decoder = decoder
+        self.encoder = encoder
+        self.loss = tgtfast.KDLoss() if loss is None else loss
+        self.config = config
+        self.batch_fn = batch_fn or default_batch_fn
+        self._optimizer_factory = optimizer
+        self.temperature = float(getattr(self.loss, "temperature", 1.0))
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
+        self.history = TGTHistory()
+        self.step = 0
+        self.rank, self.world_size = 0, 1
+
+    # ----------------------------------------------------------------------------------------------- set-up
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides the trained weights: the config fields that matter, the loss and
+        the student's parameter names and shapes. A checkpoint resumes only a run with the same fingerprint."""
+        return ckpt.fingerprint(self.config, self.loss, self.student)
+
+    def _make_optimizer(self, params) -> torch.optim.Optimizer:
+        c = self.config
+        if self._optimizer_factory is not None:
+            opt = self._optimizer_factory(params)
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(f"the optimizer factory returned {type(opt).__name__}, not a torch.optim.Optimizer")
+            return opt
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
+        return cls(params, lr=c.lr, weight_decay=c.weight_decay)
+
+    def _make_scheduler(self, opt: torch.optim.Optimizer, total: int):
+        c = self.config
+
+        def factor(step: int) -> float:
+            if c.warmup_steps and step < c.warmup_steps:
+                return (step + 1) / (c.warmup_steps + 1)
+            if c.lr_schedule == "constant":
+                return 1.0
+            span = max(total - c.warmup_steps, 1)
+            frac = min(max(step - c.warmup_steps, 0) / span, 1.0)
+            return 0.5 * (1 + math.cos(math.pi * frac)) if c.lr_schedule == "cosine" else 1.0 - frac
+
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+    def _freeze_teacher(self) -> None:
+        for mod in (self.labeler, self.decoder, self.encoder):
+            if isinstance(mod, nn.Module):
+                mod.eval()
+                for p in mod.parameters():
+                    p.requires_grad_(False)
+
+    def _to_device(self, device: torch.device) -> None:
+        for mod in (self.student, self.labeler, self.decoder, self.encoder, self.loss):
+            if isinstance(mod, nn.Module):
+                mod.to(device)
+
+    def _load_batch(self, dataset, collate, indices, device: torch.device, batch: Any = None):
+        return load_batch(dataset, collate, self.batch_fn, indices, device, batch)
+
+    # ----------------------------------------------------------------------------------------------- the step
+
+    def _train_step(self, step: int, batches, data, device: torch.device, model: nn.Module) -> Dict[str, float]:
+        """One optimiser step over this rank's micro-batches; returns the step's global metrics."""
+        import torch.distributed as dist
+
+        c = self.config
+        dataset, collate, cache_z, cache_t, fetch = data
+        loaded = []
+        for micro, idx, start, _ in batches:
+            x, y = self._load_batch(dataset, collate, idx, device, None if fetch is None else fetch())
+            loaded.append((micro, idx, start, x, y))
+        # Normalisers: global counts over all accumulated micro-batches and ranks.
+        n_all = sum(size for *_, size in batches)
+        n_lab_local = sum(int((y != -100).sum()) if y is not None else 0 for *_, y in loaded)
+        counts = torch.tensor([float(n_lab_local)], dtype=torch.float64)
+        distributed = self.world_size > 1
+        if distributed:
+            counts = counts.to(device)
+            dist.all_reduce(counts)
+        n_lab = float(counts[0])
+        S = c.samples_per_example
+        exploring = c.exploration != "none"
+        sums = torch.zeros(5, dtype=torch.float64, device=device)  # ce, kd, tgt, correct, examples (local sums)
+        for j, (micro, idx, start, x, y) in enumerate(loaded):
+            if cache_t is not None:
+                ii = torch.as_tensor(idx, dtype=torch.long, device=device)
+                t = cache_t[ii]
+                z0 = cache_z[ii] if exploring else None
+            else:
+                with torch.no_grad():
+                    t = self.labeler(x).float()
+                    z0 = self.encoder(x) if exploring else None
+            nx = x.shape[0]
+            if exploring and c.w_tgt > 0:
+                x_new, t_new = explore(z0, config=c, step=step, micro=micro, start=start, student=self.student,
+                                       decoder=self.decoder, labeler=self.labeler, loss=self.loss,
+                                       temperature=self.temperature)
+                inputs = torch.cat([x, x_new.to(x.dtype)])
+            else:
+                inputs, t_new = x, None
+            last = j == len(loaded) - 1
+            sync = model.no_sync() if (distributed and not last and hasattr(model, "no_sync")) else contextlib.nullcontext()
+            with sync:
+                with autocast(c.bf16, device):
+                    logits = model(inputs)
+                logits = logits.float()
+                s, s_new = logits[:nx], logits[nx:]
+                if y is not None and n_lab > 0:
+                    ce = TF.cross_entropy(s, y, ignore_index=-100, reduction="sum")
+                else:
+                    ce = s.sum() * 0.0
+                kd = loss_sum(self.loss, s, t) if c.w_kd > 0 else s.sum() * 0.0
+                tgt = loss_sum(self.loss, s_new, t_new) if t_new is not None else s.sum() * 0.0
+                total = c.w_ce * ce / max(n_lab, 1.0) + c.w_kd * kd / n_all + c.w_tgt * tgt / (n_all * S)
+                # DDP averages the ranks' gradients; the global normalisers already account for every rank.
+                (total * self.world_size).backward()
+            with torch.no_grad():
+                correct = (s.argmax(1) == y).sum() if y is not None else torch.zeros((), device=device)
+                sums += torch.stack([ce.detach().double(), kd.detach().double(), tgt.detach().double(),
+                                     correct.double(), torch.tensor(float(nx), dtype=torch.float64, device=device)])
+        if c.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), c.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if distributed:
+            dist.all_reduce(sums)
+        ce_m = float(sums[0]) / max(n_lab, 1.0)
+        kd_m = float(sums[1]) / n_all
+        tgt_m = float(sums[2]) / (n_all * S) if exploring and c.w_tgt > 0 else 0.0
+        return {
+            "loss": c.w_ce * ce_m + c.w_kd * kd_m + c.w_tgt * tgt_m,
+            "ce": ce_m, "kd": kd_m, "tgt": tgt_m,
+            "acc": float(sums[3]) / n_lab if n_lab > 0 else float("nan"),
+            "lr": lr, "examples": n_all, "samples": n_all * (1 + (S if exploring and c.w_tgt > 0 else 0)),
+        }
+
+    # ----------------------------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, data: Any) -> Dict[str, float]:
+        """Accuracy and CE on the labelled examples of ``data`` and KD loss to the labeler on all of them."""
+        dataset, collate = as_dataset(data, "val")
+        n = len(dataset)
+        if n == 0:
+            raise ValueError("val is empty")
+        device = next(self.student.parameters()).device
+        was = self.student.training
+        self.student.eval()
+        correct = ce = kd = lab = 0.0
+        try:
+            bs = max(self.config.batch_size, 256)
+            for i in range(0, n, bs):
+                x, y = self._load_batch(dataset, collate, list(range(i, min(i + bs, n))), device)
+                with autocast(self.config.bf16, device):
+                    s = self.student(x)
+                s = s.float()
+                kd += float(loss_sum(self.loss, s, self.labeler(x).float()))
+                if y is not None:
+                    keep = y != -100
+                    lab += float(keep.sum())
+                    if keep.any():
+                        correct += float((s[keep].argmax(1) == y[keep]).sum())
+                        ce += float(TF.cross_entropy(s[keep], y[keep], reduction="sum"))
+        finally:
+            self.student.train(was)
+        return {"val_acc": correct / lab if lab else float("nan"), "val_ce": ce / lab if lab else float("nan"),
+                "val_kd": kd / n}
+
+    # ----------------------------------------------------------------------------------------------- checkpoints
+
+    def _ckpt_path(self) -> Optional[str]:
+        return None if self.config.out_dir is None else os.path.join(self.config.out_dir, ckpt.CHECKPOINT_NAME)
+
+    def _device(self) -> torch.device:
+        return next(self.student.parameters()).device
+
+    def _save_checkpoint(self) -> None:
+        """Write the checkpoint (rank 0); every rank must call it (the ranks' generator states are gathered)."""
+        path = self._ckpt_path()
+        if path is None:
+            return
+        rngs = [ckpt.rng_state(self._device())]
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            rngs = [None] * self.world_size
+            dist.all_gather_object(rngs, ckpt.rng_state(self._device()))
+        if self.rank != 0:
+            return
+        ckpt.save_checkpoint(path, {
+            "fingerprint": self.fingerprint(),
+            "step": self.step,
+            "student": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rngs,  # per rank: dropout draws continue where they stopped
+            "history": self.history.to_dict(),
+            "config": self.config.to_dict(),
+        })
+
+    def _read_checkpoint(self, total: int) -> Optional[Dict[str, Any]]:
+        """The checkpoint to resume from (validated), or None for a fresh run. Raises before anything is written."""
+        path = self._ckpt_path()
+        if path is None or not os.path.exists(path):
+            return None
+        if not self.config.resume:
+            if self.config.overwrite:
+                return None
+            raise ValueError(
+                f"{path} exists: pass resume=True to continue that run or overwrite=True to replace it"
+            )
+        return ckpt.load_checkpoint(path, expected_fingerprint=self.fingerprint(), config=self.config,
+                                    total_steps=total)
+
+    def _restore(self, state: Dict[str, Any]) -> None:
+        try:
+            self.student.load_state_dict(state["student"])
+        except RuntimeError as exc:
+            raise ValueError(f"the checkpoint's student weights do not fit this student: {exc}") from exc
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise ValueError(f"the checkpoint's optimizer state does not fit this run: {exc}") from exc
+        self.step = int(state["step"])
+        self.history = TGTHistory(**state["history"])
+        if len(state["rng"]) == self.world_size:
+            ckpt.set_rng_state(state["rng"][self.rank], self._device())
+        elif self.rank == 0:
+            warnings.warn(f"the checkpoint was written by {len(state['rng'])} processes, this run has "
+                          f"{self.world_size}: random draws of the student (dropout) restart from the seed")
+
+    # ----------------------------------------------------------------------------------------------- fit
+
+    def fit(self, train: Any, val: Any = None, *,
+            callback: Optional[Callable[["TGTTrainer", Dict[str, float]], None]] = None) -> TGTHistory:
+        """Train the student on ``train`` (evaluating on ``val`` if given) and return the :class:`TGTHistory`.
+
+        ``train``/``val``: a map-style dataset, a DataLoader over one (its dataset and collate function are
+        used; the trainer does its own sampling), or a tuple of tensors ``(x, y)``. ``callback(trainer, record)``
+        is called on every process after every optimiser step with that step's metrics.
+        Under ``torchrun`` (``WORLD_SIZE > 1``) the student is wrapped in DistributedDataParallel, each rank
+        takes its contiguous share of every global micro-batch, and only rank 0 writes files.
+
+        Every label of ``train`` is checked before the first step (a bad one is a ``ValueError`` naming the
+        example), as are the models' shapes and, on resume, the checkpoint.
+        """
+        import torch.distributed as dist
+
+        dataset, collate = as_dataset(train, "train")
+        n = len(dataset)
+        if n == 0:
+            raise ValueError("train is empty: the training set has no examples")
+        if val is not None:
+            vds, _ = as_dataset(val, "val")
+            if len(vds) == 0:
+                raise ValueError("val is empty: pass val=None or a non-empty validation set")
+        device = resolve_device(self.config.device)
+        created_pg, self.rank, self.world_size = setup_distributed(self.config.distributed_backend, device)
+        try:
+            return self._fit(dataset, collate, n, val, device, callback)
+        finally:
+            if created_pg and dist.is_initialized():
+                dist.destroy_process_group()
+
+    def _fit(self, dataset, collate, n, val, device, callback) -> TGTHistory:
+        import torch.distributed as dist
+
+        c = self.config
+        self._to_device(device)
+        self._freeze_teacher()
+        x0, y0 = self._load_batch(dataset, collate, list(range(min(2, n))), device)
+        widths = probe(self.student, self.labeler, self.encoder, self.decoder, c.exploration, x0, y0)
+        plan = StepPlan(c, n, self.rank, self.world_size)
+        total = plan.total
+        state = self._read_checkpoint(total)  # raises (before anything is written) on a mismatch
+        progress_on = (self.rank == 0) and (c.progress if c.progress is not None else sys.stderr.isatty())
+
+        torch.manual_seed(mix(c.seed, self.rank, 0xD0))
+        self.optimizer = self._make_optimizer(self.student.parameters())
+        self.scheduler = self._make_scheduler(self.optimizer, total)
+        self.step = 0
+        self.history = TGTHistory()
+        if state is not None:
+            self._restore(state)
+        # One pass over the training set: every label checked, the teacher cached (before anything is written).
+        cache_z, cache_t = scan_training_set(
+            dataset, collate, self.batch_fn, device, labeler=self.labeler, encoder=self.encoder, widths=widths,
+            explore=c.exploration != "none", cache=c.cache_teacher, check_labels=y0 is not None,
+            batch_size=c.batch_size, rank=self.rank, world_size=self.world_size, show_progress=progress_on)
+        if self.rank == 0 and c.out_dir is not None:
+            os.makedirs(c.out_dir, exist_ok=True)
+            ckpt.remove_stale_temporaries(c.out_dir)
+            ckpt.truncate_metrics(os.path.join(c.out_dir, "metrics.jsonl"), self.step)
+
+        model: nn.Module = self.student
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            model = DDP(self.student, device_ids=[device.index] if device.type == "cuda" else None)
+        self.student.train()
+
+        fetch = None
+        if c.num_workers > 0 and not isinstance(dataset, TensorPairs):
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=StepSampler(plan, self.step, total), collate_fn=collate,
+                num_workers=c.num_workers)
+            batches_iter = iter(loader)
+            fetch = lambda: next(batches_iter)  # noqa: E731 - in the sampler's order, which is the loop's
+        data = (dataset, collate, cache_z, cache_t, fetch)
+
+        metrics_path = os.path.join(c.out_dir, "metrics.jsonl") if (c.out_dir and self.rank == 0) else None
+        bar = progress(range(self.step, total), progress_on, desc="train", total=total, initial=self.step)
+        for step in bar:
+            t0 = time.perf_counter()
+            epoch, batches = plan.batches(step)
+            rec = self._train_step(step, batches, data, device, model)
+            dt = time.perf_counter() - t0
+            self.step = step + 1
+            record = {"step": self.step, "epoch": epoch, "lr": rec["lr"], "loss": rec["loss"], "ce": rec["ce"],
+                      "kd": rec["kd"], "tgt": rec["tgt"], "acc": rec["acc"],
+                      "examples_per_s": rec["examples"] / dt, "samples_per_s": rec["samples"] / dt}
+            last = self.step == total
+            if self.step % c.log_every == 0 or last:
+                self.history.train.append(record)
+                if metrics_path:
+                    append_jsonl(metrics_path, record)
+            if val is not None and self.rank == 0 and ((c.eval_every and self.step % c.eval_every == 0) or last):
+                vrec = {"step": self.step, **self.evaluate(val)}
+                self.history.val.append(vrec)
+                if metrics_path:
+                    append_jsonl(metrics_path, vrec)
+            self.history.steps = self.step
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if c.checkpoint_every and self.step % c.checkpoint_every == 0 and not last:
+                self._save_checkpoint()
+            if callback is not None:
+                callback(self, record)
+        if self.world_size > 1 and val is not None:
+            self.history.val = broadcast_object(self.history.val, self.world_size)  # rank 0's evaluations
+        self.history.steps = self.step
+        self._save_checkpoint()
+        if c.out_dir is not None and self.rank == 0:
+            ckpt.atomic_write(os.path.join(c.out_dir, "history.json"),
+                              lambda fh: fh.write(json.dumps(self.history.to_dict(), indent=1)))
+            if c.plot:
+                plot_history(self.history, os.path.join(c.out_dir, "curves.png"))
+        if self.world_size > 1:
+            dist.barrier()
+        return self.history
