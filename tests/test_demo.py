@@ -16,7 +16,9 @@ ROWS = [("onehot", "-"), ("kd", "kl"), ("kd", "ptloss"), ("tgt-random", "kl"), (
 
 def _cli(*args, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "tgtfast.cli", "demo", *args], capture_output=True, text=True,
+    # the `tgtfast` entry point's dispatcher, run by this interpreter
+    code = "import sys; from tgtfast.cli import main; sys.exit(main())"
+    return subprocess.run([sys.executable, "-c", code, "demo", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -166,6 +168,38 @@ def test_teacher_cache_roundtrip_and_key(tmp_path):
     t3 = demo.load_or_train_teacher(cfg, splits, str(tmp_path), log=logs.append)
     assert not t3.from_cache and any("unreadable" in m for m in logs)
     assert demo.load_or_train_teacher(cfg, splits, str(tmp_path), log=logs.append).from_cache
+
+
+class _Payload:
+    """Unpickling this calls ``open(path, "w")``: a file appears if the cache loader runs pickled code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_teacher_cache_never_runs_pickled_code(tmp_path):
+    cfg = demo.DemoConfig(labeler_epochs=1, vae_epochs=1)
+    splits = demo.load_digits_splits(0)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    path = cache / f"teacher-{cfg.teacher_hash()}.pt"
+    marker = tmp_path / "pwned"
+    torch.save({"key": cfg.teacher_key(), "labeler": _Payload(str(marker)), "vae": {}}, str(path))
+    # the payload is live: a plain (not weights-only) load would have created the file
+    probe = tmp_path / "probe"
+    torch.save(_Payload(str(probe)), str(tmp_path / "probe.pt"))
+    torch.load(str(tmp_path / "probe.pt"), weights_only=False)
+    assert probe.exists()
+    logs = []
+    teacher = demo.load_or_train_teacher(cfg, splits, str(cache), log=logs.append)
+    assert not marker.exists()  # refused by the weights-only unpickler, not executed
+    assert not teacher.from_cache and any("warning" in m and "unreadable" in m for m in logs)
+    assert sorted(os.listdir(cache)) == [path.name]  # rewritten atomically, no temporary file left
+    assert demo.load_or_train_teacher(cfg, splits, str(cache), log=logs.append).from_cache
+    assert not marker.exists()
 
 
 def test_teacher_parts_are_plain_mlps():
