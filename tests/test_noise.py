@@ -374,6 +374,8 @@ def test_triton_normal_at_is_reusable():
 def test_triton_ops_registration_opcheck():
     """The torch.library.triton_op registrations: schema and autograd everywhere; fake tensors and AOT tracing
     only on the GPU (the interpreter cannot run a kernel on the fake tensors those checks use)."""
+    for op in ("perturb", "latent_noise", "temperature_softmax"):
+        assert tgtfast.backends(op)["triton"] == "available"  # registers the Triton ops (they load lazily)
     utils = None if TRITON_DEVICE == "cuda" else ("test_schema", "test_autograd_registration")
     kw = {} if utils is None else {"test_utils": utils}
     d = TRITON_DEVICE

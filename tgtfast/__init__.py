@@ -16,21 +16,55 @@
 * :mod:`tgtfast.reference`: the eager PyTorch specification every backend is tested against.
 """
 
-from tgtfast import _mlp, reference  # _mlp registers the fused MLP chain with the dispatcher
-from tgtfast._ext import empty_cpu_cache
-from tgtfast.dispatch import Backend, backends
-from tgtfast.functional import focal_kd_loss, kd_loss, ptloss
-from tgtfast.fused_linear import FusedLinearPTLoss, fused_linear_ptloss
-from tgtfast.losses import FocalKDLoss, KDLoss, LabelSmoothedKDLoss, PTLoss
-from tgtfast.proxy import (
+import importlib.util as _importlib_util
+import os as _os
+import sys as _sys
+
+
+def _checkout_kernels() -> None:
+    """An install ships the Triton kernels (``kernels/`` at the top of the source tree) as ``tgtfast.kernels``;
+    let a source checkout import them under the same name."""
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    kernels = _os.path.join(_os.path.dirname(here), "kernels")
+    init = _os.path.join(kernels, "__init__.py")
+    if "tgtfast.kernels" in _sys.modules or _os.path.isdir(_os.path.join(here, "kernels")) or not _os.path.isfile(init):
+        return
+    if _importlib_util.find_spec("tgtfast.kernels") is not None:  # an editable install maps it already
+        return
+    spec = _importlib_util.spec_from_file_location("tgtfast.kernels", init, submodule_search_locations=[kernels])
+    module = _importlib_util.module_from_spec(spec)
+    _sys.modules["tgtfast.kernels"] = module
+    spec.loader.exec_module(module)
+
+
+_checkout_kernels()
+
+from tgtfast import ops, reference  # noqa: E402  (ops registers every op with the dispatcher)
+from tgtfast._ext import empty_cpu_cache  # noqa: E402
+from tgtfast.dispatch import Backend, backends  # noqa: E402
+from tgtfast.losses import (  # noqa: E402
+    FocalKDLoss,
+    FusedLinearPTLoss,
+    KDLoss,
+    LabelSmoothedKDLoss,
+    PTLoss,
+    focal_kd_loss,
+    fused_linear_ptloss,
+    kd_loss,
+    ptloss,
+)
+from tgtfast.proxy import (  # noqa: E402
     CoefficientSearchResult,
     deviation,
     proxy_teacher,
     search_coefficients,
     stationarity_residual,
 )
-from tgtfast.trainer import TGTConfig, TGTHistory, TGTTrainer
-from tgtfast.tgt import latent_noise, perturb, perturb_decode_label, temperature_softmax
+from tgtfast.tgt import latent_noise, perturb, perturb_decode_label, temperature_softmax  # noqa: E402
+from tgtfast.trainer import TGTConfig, TGTHistory, TGTTrainer  # noqa: E402
+
+# Former module paths, kept so ``tgtfast.functional.ptloss`` and the like still resolve after ``import tgtfast``.
+from tgtfast import _mlp, functional, fused_linear, trainer  # noqa: E402,F401
 
 __version__ = "0.1.0"
 

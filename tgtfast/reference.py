@@ -21,6 +21,7 @@ __all__ = [
     "perturb",
     "temperature_softmax",
     "perturb_decode_label",
+    "ACTIVATIONS",
     "mlp_forward",
     "perturb_decode_label_mlp",
     "fused_linear_ptloss",
@@ -213,13 +214,15 @@ def temperature_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch
 
 
 def perturb_decode_label(z, decoder, labeler, *, sigma: float, seed: int, offset: int = 0, temperature: float = 1.0):
-    """TGT random exploration (DESIGN.md section 3): ``x_new = decoder(z + sigma * noise)`` and
+    """TGT random exploration (docs/design.md, "TGT step"): ``x_new = decoder(z + sigma * noise)`` and
     ``soft_labels = softmax(labeler(x_new) / temperature)``, with the noise of :func:`latent_noise`."""
     x_new = decoder(perturb(z, sigma, seed, offset))
     return x_new, temperature_softmax(labeler(x_new), temperature)
 
 
-_MLP_ACTIVATIONS = {
+# The one activation table: name -> function. Its order gives the code every kernel knows an activation by
+# (identity 0, relu 1, gelu 2, gelu_tanh 3, silu 4, tanh 5, sigmoid 6: csrc/mlp_chain/, kernels/mlp_chain.py).
+ACTIVATIONS = {
     "identity": lambda x: x,
     "relu": torch.relu,
     "gelu": F.gelu,
@@ -228,12 +231,13 @@ _MLP_ACTIVATIONS = {
     "tanh": torch.tanh,
     "sigmoid": torch.sigmoid,
 }
+_MLP_ACTIVATIONS = ACTIVATIONS
 
 
 def mlp_forward(x: torch.Tensor, layers) -> torch.Tensor:
     """An MLP given as ``[(weight [out, in], bias or None, activation name), ...]``, computed in x's dtype."""
     for w, b, act in layers:
-        x = _MLP_ACTIVATIONS[act](F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype)))
+        x = ACTIVATIONS[act](F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype)))
     return x
 
 

@@ -2,9 +2,7 @@
 
 Runs on the CPU through the Triton interpreter (``TRITON_INTERPRET=1``, set below before Triton is
 imported). With ``TRITON_INTERPRET=0`` and a GPU it runs the compiled kernel on CUDA instead.
-Works from the source tree and from an installed package: the kernel is imported as
-``tgtfast.kernels.ptloss`` when that works and is the same file as ``kernels/ptloss.py`` of this
-checkout; otherwise (not installed, or a stale install) that file is loaded by path.
+The kernel is imported as ``tgtfast.kernels.ptloss``, in a source checkout as in an install.
 Shapes are small because the interpreter runs every tile operation through numpy.
 """
 
@@ -12,10 +10,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib.util  # noqa: E402
 import itertools  # noqa: E402
-import pathlib  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -23,7 +18,6 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 if INTERPRET and type(tl.zeros).__name__ == "JITFunction":
     # Triton decides interpreter or compiler when it is first imported (its own tl.* helpers are @jit
@@ -42,36 +36,10 @@ else:
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
-def _load_by_path(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from tgtfast.kernels import ptloss as ptk  # noqa: E402  (the same import in a checkout and an install)
+from tgtfast.reference import ptloss_rows  # noqa: E402
 
-
-def _import(package_name, source):
-    """The installed module ``package_name``, unless it differs from ``source`` in this checkout (a stale
-    install) or was imported earlier without the interpreter; then ``source`` loaded by path."""
-    try:
-        module = importlib.import_module(package_name)
-    except ImportError:
-        module = None
-    if module is not None:
-        installed = pathlib.Path(module.__file__)
-        stale = source.exists() and installed.read_bytes() != source.read_bytes()
-        kernel = getattr(module, "_ptloss_kernel", None)
-        not_interpreted = INTERPRET and kernel is not None and type(kernel).__name__ != "InterpretedFunction"
-        if not (stale or not_interpreted):
-            return module
-        if not source.exists():
-            source = installed
-    return _load_by_path("_tgtfast_test_" + package_name.replace(".", "_"), source)
-
-
-ptk = _import("tgtfast.kernels.ptloss", ROOT / "kernels" / "ptloss.py")
 ptloss_fwd = ptk.ptloss_fwd
-ptloss_rows = _import("tgtfast.reference", ROOT / "tgtfast" / "reference.py").ptloss_rows
 
 
 
