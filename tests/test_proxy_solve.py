@@ -1,10 +1,8 @@
 """The Proxy Teacher (tgtfast.proxy): the solve, Eq. 21, the coefficient search and its command line."""
 
-import importlib.util
 import json
 import math
 import os
-import sys
 import tempfile
 
 import numpy as np
@@ -12,26 +10,30 @@ import pytest
 import torch
 
 import tgtfast
+from tgtfast import proxy as px
 from tgtfast import reference
 
-try:
-    from tgtfast import proxy as px
-except ImportError:  # installed package predates proxy.py: load the source file by path
-    _path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tgtfast", "proxy.py")
-    _spec = importlib.util.spec_from_file_location("tgtfast.proxy", _path)
-    px = importlib.util.module_from_spec(_spec)
-    sys.modules["tgtfast.proxy"] = px
-    _spec.loader.exec_module(px)
-
 F64 = torch.float64
-BACKENDS = [b for b in ("cpp", "reference") if tgtfast.backends()[b] == "available"]
+BACKENDS = ("cpp", "cuda", "reference")
 
 
 @pytest.fixture(autouse=True, params=BACKENDS)
 def backend(request, monkeypatch):
-    """Every test of this file runs on each CPU implementation of the solve (chosen by the dispatch point)."""
+    """Every test of this file runs on each implementation of the solve (chosen by the dispatch point); one that
+    is not available here is skipped with the reason. The CUDA backend runs the tests that take the `device`
+    fixture (their tensors go to the GPU); the others use CPU tensors and are skipped there."""
+    avail = tgtfast.backends(op="proxy_teacher")[request.param]
+    if avail != "available":
+        pytest.skip(f"{request.param} backend {avail}")
+    if request.param == "cuda" and "device" not in request.fixturenames:
+        pytest.skip("CPU-tensor test (the CUDA backend runs the tests that take the device fixture)")
     monkeypatch.setenv("TGTFAST_BACKEND", request.param)
     return request.param
+
+
+@pytest.fixture
+def device(backend):
+    return torch.device("cuda" if backend == "cuda" else "cpu")
 
 
 def teacher(n, k, scale=2.0, seed=0):
@@ -55,7 +57,8 @@ def objective(p, q, eta):
 
 
 @pytest.mark.parametrize("layout", ["shared", "per_class", "negative"])
-def test_binary_is_global_minimum_of_brute_force_grid(layout):
+def test_binary_is_global_minimum_of_brute_force_grid(layout, device):
+    """K = 2 against an independent oracle: L(p, q) evaluated on a grid of 10^5 values of q_0."""
     g = torch.Generator().manual_seed(3)
     p = teacher(40, 2, scale=3.0)
     p = torch.cat([p, torch.tensor([[0.5, 0.5], [1e-9, 1 - 1e-9], [0.999, 0.001]], dtype=F64)])
@@ -66,8 +69,9 @@ def test_binary_is_global_minimum_of_brute_force_grid(layout):
         eta = torch.rand(c, 5, 2, generator=g, dtype=F64) * 11 - 1
     else:  # strongly non-convex
         eta = torch.rand(c, 5, 2, generator=g, dtype=F64) * 30 - 20
-    q = px.proxy_teacher(p, eta)
-    assert q.shape == (c, p.shape[0], 2)
+    q = px.proxy_teacher(p.to(device), eta.to(device))
+    assert q.shape == (c, p.shape[0], 2) and q.device.type == device.type
+    q = q.cpu()
     grid = torch.linspace(0, 1, 100_001, dtype=F64)[1:-1]
     m = torch.arange(1, 6, dtype=F64).view(-1, 1, 1)
     for ci in range(c):
@@ -86,11 +90,11 @@ def test_binary_is_global_minimum_of_brute_force_grid(layout):
 
 
 @pytest.mark.parametrize("k", [2, 3, 10])
-def test_zero_coeffs_return_the_teacher(k):
-    p = teacher(50, k)
-    assert torch.equal(px.proxy_teacher(p, torch.zeros(5)), p)
-    assert torch.equal(px.proxy_teacher(p, torch.zeros(3, k)), p)
-    cands = torch.rand(4, 5, k, dtype=F64)
+def test_zero_coeffs_return_the_teacher(k, device):
+    p = teacher(50, k).to(device)
+    assert torch.equal(px.proxy_teacher(p, torch.zeros(5, device=device)), p)
+    assert torch.equal(px.proxy_teacher(p, torch.zeros(3, k, device=device)), p)
+    cands = torch.rand(4, 5, k, dtype=F64).to(device)
     cands[2] = 0
     q = px.proxy_teacher(p, cands)
     assert torch.equal(q[2], p)
@@ -120,6 +124,49 @@ def test_multiclass_stationary_and_descent(k, per_class):
         # one candidate at a time equals the batched solve
     single = px.proxy_teacher(p, eta_k[3])
     assert torch.allclose(single, q[3], atol=1e-12, rtol=0)
+
+
+def _objective_np(q, p, eta):
+    """L(p, q) for one row from the definition, numpy float64: q, p [K], eta [M, K]."""
+    m = np.arange(1, eta.shape[0] + 1)[:, None]
+    pert = (eta * (1.0 - q)[None, :] ** m).sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.sum(np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0) + p * pert))
+
+
+def _scipy_proxy(p, eta):
+    """Independent float64 oracle for one row: scipy.optimize.minimize (BFGS, numerical gradient) of L(p, q) over
+    the simplex, parametrised by K - 1 free logits, started from the teacher (the solve's local minimiser is the
+    one reached from there)."""
+    from scipy.optimize import minimize
+
+    def q_of(z):
+        zz = np.append(z, 0.0)
+        e = np.exp(zz - zz.max())
+        return e / e.sum()
+
+    z0 = np.log(p[:-1]) - np.log(p[-1])
+    r = minimize(lambda z: _objective_np(q_of(z), p, eta), z0, method="BFGS", options={"gtol": 1e-11, "maxiter": 2000})
+    return q_of(r.x)
+
+
+@pytest.mark.parametrize("k", [3, 4])
+def test_multiclass_matches_scipy_oracle(k, device):
+    """K >= 3 against scipy on the simplex: same minimiser (to the oracle's accuracy) and never a higher L."""
+    pytest.importorskip("scipy")
+    g = torch.Generator().manual_seed(100 + k)
+    p = teacher(12, k, scale=2.0, seed=k)
+    eta = torch.rand(3, 4, k, generator=g, dtype=F64) * 11 - 1  # the paper's range [-1, 10]
+    q = px.proxy_teacher(p.to(device), eta.to(device)).cpu()
+    worst_q, worst_l = 0.0, -math.inf
+    for ci in range(eta.shape[0]):
+        for n in range(p.shape[0]):
+            pn, en = p[n].numpy(), eta[ci].numpy()
+            q_sc = _scipy_proxy(pn, en)
+            worst_q = max(worst_q, float(np.abs(q[ci, n].numpy() - q_sc).max()))
+            worst_l = max(worst_l, _objective_np(q[ci, n].numpy(), pn, en) - _objective_np(q_sc, pn, en))
+    assert worst_q < 1e-6, worst_q
+    assert worst_l <= 1e-13, worst_l
 
 
 def test_multiclass_negative_coefficients_still_converge():
@@ -341,9 +388,9 @@ def test_distributed_sharded_search_equals_single_process():
 
 
 @pytest.mark.parametrize("k", [2, 3, 7])
-def test_compiled_solve_matches_reference(k, backend):
-    if backend != "cpp":
-        pytest.skip("compares the C++ solve with the reference")
+def test_compiled_solve_matches_reference(k, backend, device):
+    if backend == "reference":
+        pytest.skip("compares a compiled solve with the reference")
     g = torch.Generator().manual_seed(11)
     p = teacher(150, k, scale=2.5)
     p[0] = torch.nn.functional.one_hot(torch.tensor(0), k).to(F64)  # degenerate rows ride along
@@ -353,11 +400,11 @@ def test_compiled_solve_matches_reference(k, backend):
         p[2] /= p[2].sum()
     eta = torch.rand(5, 5, k, generator=g, dtype=F64) * 11 - 1
     eta[1] = 0
-    q_cpp = px.proxy_teacher(p, eta, backend="cpp")
+    q_compiled = px.proxy_teacher(p.to(device), eta.to(device), backend=backend).cpu()
     q_ref = px.proxy_teacher(p, eta, backend="reference")
-    assert torch.allclose(q_cpp, q_ref, rtol=0, atol=1e-9)
+    assert torch.allclose(q_compiled, q_ref, rtol=0, atol=1e-9)
     y = labels_for(p)
-    a = px.search_coefficients(p, y, num_candidates=12, order=3, backend="cpp")
+    a = px.search_coefficients(p.to(device), y.to(device), num_candidates=12, order=3, backend=backend)
     b = px.search_coefficients(p, y, num_candidates=12, order=3, backend="reference")
     assert torch.allclose(a.candidate_deviations, b.candidate_deviations, rtol=1e-9, atol=1e-15)
     assert a.best_index == b.best_index

@@ -1,6 +1,6 @@
 """Time the Proxy Teacher coefficient search against a per-row SciPy baseline, in one run.
 
-    python benchmarks/bench_proxy.py [--n 10000] [--k 3] [--m 5] [--candidates 100] [--subsample 300] [--threads T]
+    python benchmarks/bench_proxy_solve.py [--n 10000] [--k 3] [--m 5] [--candidates 100] [--subsample 300] [--threads T]
                                  [--backends cpp reference]
 
 Ours: ``search_coefficients`` (100 random candidates + KL, every candidate x row solved in float64, then Eq. 21),
@@ -13,8 +13,6 @@ are from ours (objective value and probabilities) on that subsample.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import sys
 import time
 
@@ -23,17 +21,9 @@ import torch
 
 
 def load_proxy():
-    try:
-        from tgtfast import proxy
+    from tgtfast import proxy
 
-        return proxy
-    except ImportError:
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tgtfast", "proxy.py")
-        spec = importlib.util.spec_from_file_location("tgtfast.proxy", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["tgtfast.proxy"] = mod
-        spec.loader.exec_module(mod)
-        return mod
+    return proxy
 
 
 def objective_np(q, p, eta):
