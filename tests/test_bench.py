@@ -80,3 +80,34 @@ def test_tgt_and_fused_linear_cases(op, shape):
         assert rows["eager"]["matches_reference"] is None
     else:
         assert rows["eager"]["matches_reference"] is True
+
+
+def test_import_op_takes_turns_and_reports_the_cost_over_torch(monkeypatch, tmp_path, capsys):
+    from tgtfast.bench import import_time
+
+    calls = []
+
+    def fake(module, timeout=600):
+        calls.append(module)
+        return {"torch": 1.0, "tgtfast": 1.25}[module] + 0.01 * len(calls)
+
+    monkeypatch.setattr(import_time, "import_seconds", fake)
+    out, png = tmp_path / "i.json", tmp_path / "i.png"
+    assert bench.main(["--op", "import", "--repeats", "3", "--json", str(out), "--plot", str(png)]) == 0
+    assert calls == ["tgtfast"] + ["torch", "tgtfast"] * 3  # one warm-up, then in turns
+    res = json.loads(out.read_text())["results"][0]
+    assert res["op"] == "import" and [r["impl"] for r in res["rows"]] == ["torch", "tgtfast"]
+    assert res["over_torch_s"] == pytest.approx(0.26) and res["meets_target"] is True
+    assert res["target_s"] == 0.5 and len(res["rows"][1]["times_s"]) == 3
+    text = capsys.readouterr().out
+    assert "import tgtfast costs 0.260 s over import torch (target <= 0.5 s: met)" in text
+    assert not png.exists()  # nothing with a size to plot
+    assert "import" in bench.OPS and "import" not in bench.BUILDERS  # in the default all-ops run
+
+
+def test_import_seconds_times_a_fresh_process():
+    from tgtfast.bench.import_time import import_seconds
+
+    assert 0 < import_seconds("json") < 60
+    with pytest.raises(RuntimeError, match="no_such_module_xyz"):
+        import_seconds("no_such_module_xyz")

@@ -1,0 +1,66 @@
+"""Peak memory for ``tgtfast bench`` on the CPU: one call of one implementation in a fresh subprocess, its peak
+RSS above the RSS before the call (``/proc/self/clear_refs`` resets the kernel's counter)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from typing import Dict, Optional
+
+import torch
+
+import tgtfast
+from tgtfast.bench.registry import BUILDERS
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _tiny(shape: Dict[str, int]) -> Dict[str, int]:
+    return {key: min(val, 8 if key in ("N", "B", "C") else 64) for key, val in shape.items()}
+
+
+def _peak_memory_child(op: str, impl: str, shape_json: str, dtype: str) -> int:
+    """Run in a fresh process: peak RSS growth of one call of `impl` (inputs excluded)."""
+    shape = json.loads(shape_json)
+    dt = getattr(torch, dtype)
+    cpu = torch.device("cpu")
+    warm = BUILDERS[op](_tiny(shape), dt, cpu, [impl])  # code paths, thread pools, compilation
+    warm.run[impl]()
+    warm.run[impl]()
+    case = BUILDERS[op](shape, dt, cpu, [impl])
+    with open("/proc/self/clear_refs", "w") as fh:  # reset the peak resident set size (VmHWM)
+        fh.write("5")
+    base = _rss_bytes()
+    case.run[impl]()
+    return max(_peak_rss_bytes() - base, 0)
+
+
+def _peak_memory_subprocess(op: str, impl: str, shape: Dict[str, int], dtype: str) -> Optional[int]:
+    code = (
+        "from tgtfast.bench.memory import _peak_memory_child as f; "
+        f"print(f({op!r}, {impl!r}, {json.dumps(json.dumps(shape))}, {dtype!r}))"
+    )
+    env = dict(os.environ, TGTFAST_QUIET="1")
+    # run from the folder that holds this tgtfast, so that the child imports the same package (and its build)
+    # whatever the working directory is (from a source checkout, `-c` would put the unbuilt tree first)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(tgtfast.__file__)))
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800,
+                             cwd=here)
+        return int(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError):
+        return None
