@@ -71,7 +71,9 @@ def real(
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if math.isnan(value) or (finite and not math.isfinite(value)):
-        raise ValueError(f"{name} must be finite, got {value}")
+        if low is None and high is None:
+            raise ValueError(f"{name} must be finite, got {value}")
+        raise ValueError(f"{name} must be in {_range_text(low, high, low_inclusive, high_inclusive)}, got {value}")
     ok = True
     if low is not None:
         ok = value >= low if low_inclusive else value > low

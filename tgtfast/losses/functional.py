@@ -9,6 +9,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from tgtfast import reference
+from tgtfast import validation as V
 from tgtfast.dispatch import Backend, select
 from tgtfast.ops import ptloss as _ptloss_op
 
@@ -70,21 +71,12 @@ def _as_coeffs(coeffs: CoeffsLike, k: int, device: torch.device, dtype: torch.dt
     return coeffs.detach().to(acc).contiguous()
 
 
-def _check_teacher_probs(teacher: torch.Tensor) -> None:
-    if _is_compiling() or teacher.numel() == 0:
-        return
-    tol = 1e-3 if teacher.dtype in (torch.float32, torch.float64) else 2e-2
-    t = teacher.detach()
-    if bool((t < 0).any()):
-        raise ValueError("teacher probabilities (teacher_is_logits=False) must be non-negative")
-    sums = t.sum(-1, dtype=torch.float64)
-    bad = (sums - 1).abs() > tol
-    if bool(bad.any()):
-        worst = float(sums[bad].flatten()[0])
-        raise ValueError(
-            f"teacher probabilities (teacher_is_logits=False) must sum to 1 over the last dimension; "
-            f"found a row summing to {worst:.6g}"
-        )
+def _check_teacher_probs(teacher: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
+    """Rows of probabilities that are not ignored: finite, non-negative, summing to 1 (ignored rows may hold
+    anything, padding included)."""
+    if valid is not None and not V.is_compiling():
+        teacher = teacher[valid]
+    V.probabilities("teacher", teacher, what=" probabilities (teacher_is_logits=False)")
 
 
 def ptloss(
@@ -156,7 +148,8 @@ def ptloss(
     k = student_logits.shape[-1]
     if k == 0:
         raise ValueError("student_logits has an empty class dimension (K = 0)")
-    temperature = _check_float("temperature", temperature, low=0.0, low_inclusive=False)
+    dtype = torch.promote_types(student_logits.dtype, teacher.dtype)
+    temperature = V.temperature(temperature, dtype)
     label_smoothing = _check_float("label_smoothing", label_smoothing, low=0.0, high=1.0, low_inclusive=True)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -168,11 +161,10 @@ def ptloss(
         _check_target(target, lead, "the logits'", "student_logits", student_logits.device)
         valid = (target != ignore_index).reshape(-1)
 
-    dtype = torch.promote_types(student_logits.dtype, teacher.dtype)
     s = student_logits.to(dtype).reshape(-1, k)
     t = teacher.to(dtype).reshape(-1, k)
     if not teacher_is_logits:
-        _check_teacher_probs(t)
+        _check_teacher_probs(t, valid)
     eta = _as_coeffs(coeffs, k, s.device, dtype)
 
     chosen = select(backend, s.device, dtype, op="ptloss")
@@ -199,12 +191,24 @@ def ptloss(
             grad_on and t.requires_grad,
             1.0 if weight is None else weight,
         )
+        if eta.numel() == 0:  # plain KL is >= 0; float32 cancellation at low temperatures can dip below it
+            rows = _clamp_value_min0(rows)
         # The kernels already zero ignored rows, so no masking here (it would also defeat the
         # copy-free backward of the fused op, see tgtfast/ops/ptloss.py).
         out = reference.reduce_rows(rows, None, "sum" if reduction in ("mean", "batchmean") else reduction)
         if reduction in ("mean", "batchmean"):
             out = out / valid.sum().clamp(min=1).to(out.dtype) if weight is None else out * weight
     return out.reshape(lead) if reduction == "none" else out
+
+
+def _clamp_value_min0(rows: torch.Tensor) -> torch.Tensor:
+    """``max(rows, 0)`` in value, with the gradient of ``rows`` unchanged (a constant correction): the fused op's
+    incoming gradient stays the reduction's own, so its backward stays copy-free."""
+    with torch.no_grad():
+        r = rows.detach()
+        fix = torch.where(r < 0, -r, torch.zeros((), dtype=r.dtype, device=r.device))
+        fix = torch.where(torch.isfinite(r), fix, torch.zeros((), dtype=r.dtype, device=r.device))
+    return rows + fix
 
 
 def _row_weight(reduction: str, rows: int, valid: Optional[torch.Tensor]) -> Optional[float]:
@@ -254,17 +258,27 @@ def focal_kd_loss(
     a baseline of the PTLoss paper. Not a polynomial in ``1 - q``, so it runs as eager PyTorch (it composes
     with ``torch.compile``). Arguments as in :func:`ptloss`; ``gamma >= 0``."""
     gamma = _check_float("gamma", gamma, low=0.0, low_inclusive=True)
-    temperature = _check_float("temperature", temperature, low=0.0, low_inclusive=False)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    V.tensor("student_logits", student_logits, floating=True, min_dim=2)
+    V.tensor("teacher", teacher, floating=True)
     if teacher.shape != student_logits.shape:
         raise ValueError(
             f"teacher shape {tuple(teacher.shape)} does not match student_logits shape {tuple(student_logits.shape)}"
         )
-    if not student_logits.is_floating_point() or not teacher.is_floating_point():
-        raise TypeError("student_logits and teacher must be floating tensors")
-    log_q = torch.log_softmax(student_logits.float() / temperature, -1)
-    p = torch.softmax(teacher.float() / temperature, -1) if teacher_is_logits else teacher.float()
+    if teacher.device != student_logits.device:
+        raise ValueError(f"teacher is on {teacher.device} but student_logits is on {student_logits.device}")
+    temperature = V.temperature(temperature, torch.promote_types(student_logits.dtype, teacher.dtype))
+    V.choice("reduction", reduction, _REDUCTIONS)
+    V.boolean("teacher_is_logits", teacher_is_logits)
+    valid = None
+    if target is not None:
+        V.target(target, student_logits.shape[:-1], "the logits'", "student_logits", student_logits.device)
+        valid = target != ignore_index
+    s, t = student_logits.float(), teacher.float()
+    if not teacher_is_logits:
+        _check_teacher_probs(t.reshape(-1, t.shape[-1]), None if valid is None else valid.reshape(-1))
+    if valid is not None:  # ignored rows (padding may hold NaN/inf) must not reach the gradient
+        s, t = reference.mask_rows(s, t, valid, teacher_is_logits)
+    log_q = torch.log_softmax(s / temperature, -1)
+    p = torch.softmax(t / temperature, -1) if teacher_is_logits else t
     rows = (p * (-torch.expm1(log_q)).pow(gamma) * (-log_q)).sum(-1)
-    valid = None if target is None else target != ignore_index
     return reference.reduce_rows(rows, valid, reduction)

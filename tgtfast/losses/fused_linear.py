@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from tgtfast import reference
+from tgtfast import validation as V
 from tgtfast.dispatch import Backend, select
 from tgtfast.losses.functional import _REDUCTIONS, CoeffsLike, _as_coeffs, _check_float, _check_target
 from tgtfast.losses.modules import coeffs_buffer
@@ -235,6 +236,29 @@ class _FusedLinearPTLossFunction(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None, None, None, None
 
 
+def _as_compute_dtype(device: torch.device, who: str, hidden: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor]):
+    """The dtype ``nn.Linear`` would compute ``hidden @ weight.T`` in: the autocast dtype inside
+    ``torch.autocast`` (for float32/float16/bfloat16 operands), else, for half-precision hidden states with a
+    float32 weight (or the reverse), the half dtype. The operands are cast to it (autograd returns each gradient
+    in its input's dtype); the products still accumulate in float32."""
+    if not isinstance(weight, torch.Tensor) or not isinstance(hidden, torch.Tensor):
+        return hidden, weight, bias
+    castable = (torch.float32, torch.float16, torch.bfloat16)
+    operands = [x for x in (hidden, weight, bias) if isinstance(x, torch.Tensor)]
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+        if not all(x.dtype in castable for x in operands):
+            return hidden, weight, bias
+    elif hidden.dtype != weight.dtype and {hidden.dtype, weight.dtype} in ({torch.float32, torch.bfloat16},
+                                                                          {torch.float32, torch.float16}):
+        dtype = hidden.dtype if hidden.dtype in _LOW_PRECISION else weight.dtype
+    else:
+        return hidden, weight, bias
+    cast = [None if x is None else x.to(dtype) for x in (hidden, weight, bias)]
+    return cast[0], cast[1], cast[2]
+
+
 def _check_tensor(name: str, x, dims: Tuple[int, ...]) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -314,6 +338,8 @@ def fused_linear_ptloss(
     ht = _check_tensor("teacher_hidden", teacher_hidden, (2, 3))
     wt = _check_tensor("teacher_weight", teacher_weight, (2,))
     device = hs.device
+    hs, ws, student_bias = _as_compute_dtype(device, "student", hs, ws, student_bias)
+    ht, wt, teacher_bias = _as_compute_dtype(device, "teacher", ht, wt, teacher_bias)
     for name, x in (("student_weight", ws), ("teacher_hidden", ht), ("teacher_weight", wt)):
         if x.device != device:
             raise ValueError(f"{name} is on {x.device} but student_hidden is on {device}")
@@ -344,7 +370,7 @@ def fused_linear_ptloss(
             raise ValueError(f"{name} must have shape [{v}] (V), got {tuple(b.shape)}")
         if b.device != device:
             raise ValueError(f"{name} is on {b.device} but student_hidden is on {device}")
-    temperature = _check_float("temperature", temperature, low=0.0, low_inclusive=False)
+    temperature = V.temperature(temperature, torch.float64 if torch.float64 in (hs.dtype, ht.dtype) else torch.float32)
     kd_weight = _check_float("kd_weight", kd_weight, low=0.0, low_inclusive=True)
     ce_weight = _check_float("ce_weight", ce_weight, low=0.0, low_inclusive=True)
     if reduction not in _REDUCTIONS:
@@ -388,12 +414,13 @@ def fused_linear_ptloss(
         kd_weight=kd_weight, ce_weight=ce_weight, chunk_size=int(chunk_size), backend=chosen, need=need,
         count=count,
     )
-    out = _FusedLinearPTLossFunction.apply(
-        hs.reshape(n, hs.shape[-1]).contiguous(), ws.contiguous(),
-        None if student_bias is None else student_bias.contiguous(),
-        ht.detach().reshape(n, ht.shape[-1]).contiguous(), wt.detach().contiguous(),
-        None if teacher_bias is None else teacher_bias.detach().contiguous(), cfg,
-    )
+    with torch.autocast(device.type, enabled=False):
+        out = _FusedLinearPTLossFunction.apply(
+            hs.reshape(n, hs.shape[-1]).contiguous(), ws.contiguous(),
+            None if student_bias is None else student_bias.contiguous(),
+            ht.detach().reshape(n, ht.shape[-1]).contiguous(), wt.detach().contiguous(),
+            None if teacher_bias is None else teacher_bias.detach().contiguous(), cfg,
+        )
     return out.reshape(lead) if reduction == "none" else out
 
 
@@ -420,7 +447,7 @@ class FusedLinearPTLoss(nn.Module):
         backend: Optional[str] = None,
     ) -> None:
         super().__init__()
-        self.temperature = _check_float("temperature", temperature, low=0.0, low_inclusive=False)
+        self.temperature = V.temperature(temperature)
         self.kd_weight = _check_float("kd_weight", kd_weight, low=0.0, low_inclusive=True)
         self.ce_weight = _check_float("ce_weight", ce_weight, low=0.0, low_inclusive=True)
         if reduction not in _REDUCTIONS:

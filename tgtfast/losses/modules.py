@@ -9,6 +9,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from tgtfast import validation as V
 from tgtfast.losses import functional as F
 
 __all__ = ["PTLoss", "KDLoss", "LabelSmoothedKDLoss", "FocalKDLoss"]
@@ -30,7 +31,7 @@ class _DistillLoss(nn.Module):
     def __init__(self, *, temperature: float, teacher_is_logits: bool, reduction: str, ignore_index: int,
                  backend: Optional[str]) -> None:
         super().__init__()
-        F._check_float("temperature", temperature, low=0.0, low_inclusive=False)
+        V.temperature(temperature)
         if reduction not in F._REDUCTIONS:
             raise ValueError(f"reduction must be one of {F._REDUCTIONS}, got {reduction!r}")
         self.temperature = float(temperature)
