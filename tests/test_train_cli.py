@@ -125,7 +125,7 @@ def test_in_process_training_learns_and_resumes(tmp_path, capsys, monkeypatch):
         ("", "{name: kl, gamma: 2.0}", "do not apply to loss.name 'kl'"),
         ("", "{name: hinge}", "loss.name must be one of"),
         ("", "{name: ptloss, coeffs: missing.json}", "no such file"),
-        ("", "{name: focal, gamma: high}", "loss.gamma must be a number"),
+        ("", "{name: focal, gamma: high}", "loss.gamma must be a real number"),
         ("optimiser: sgd\n", "{name: kl}", "unknown key.*optimiser"),
     ],
 )

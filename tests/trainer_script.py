@@ -1,7 +1,9 @@
 """A small TGT run used by tests/test_trainer.py in subprocesses (torchrun, SIGKILL + resume).
 
-usage: python trainer_script.py OUT_DIR RESULT.pt [--kill-at STEP] [--resume] [--mode random] [--dropout]
-Writes the student's final state_dict to RESULT.pt (rank 0)."""
+usage: python trainer_script.py OUT_DIR RESULT.pt [--kill-at STEP] [--kill-in-save STEP] [--resume] [--mode random]
+       [--dropout]
+Writes the student's final state_dict to RESULT.pt (rank 0). --kill-in-save STEP: SIGKILL while the checkpoint
+of STEP is half written (its temporary file stays behind)."""
 
 import argparse
 import os
@@ -32,7 +34,24 @@ def data():
     return x, y
 
 
-def run(out_dir, result, *, kill_at=0, resume=False, mode="random", dropout=False, steps=8, checkpoint_every=3):
+def _kill_in_save(step):
+    """Make torch.save write a few bytes of the checkpoint of ``step`` and SIGKILL the process."""
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("step") == step and hasattr(f, "write"):
+            f.write(b"half a checkpoint")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(obj, f, *args, **kwargs)
+
+    torch.save = save
+
+
+def run(out_dir, result, *, kill_at=0, resume=False, mode="random", dropout=False, steps=8, checkpoint_every=3,
+        kill_in_save=0):
+    if kill_in_save:
+        _kill_in_save(kill_in_save)
     student, labeler, decoder, encoder = models(dropout)
     cfg = tgtfast.TGTConfig(
         exploration=mode, sigma=0.7, samples_per_example=2, explore_steps=2, batch_size=8, grad_accum_steps=2,
@@ -56,6 +75,7 @@ def main() -> None:
     ap.add_argument("out_dir")
     ap.add_argument("result")
     ap.add_argument("--kill-at", type=int, default=0)
+    ap.add_argument("--kill-in-save", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--mode", default="random")
     ap.add_argument("--dropout", action="store_true")
@@ -64,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     run(args.out_dir, args.result, kill_at=args.kill_at, resume=args.resume, mode=args.mode, dropout=args.dropout,
-        steps=args.steps, checkpoint_every=args.checkpoint_every)
+        steps=args.steps, checkpoint_every=args.checkpoint_every, kill_in_save=args.kill_in_save)
 
 
 if __name__ == "__main__":

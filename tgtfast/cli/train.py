@@ -1,7 +1,7 @@
 """``tgtfast train --config FILE.yaml``: Teacher Guided Training of your own models on your own data.
 
-The YAML file names the models and the data as ``module:function`` factories (imported from the config file's
-directory first, then from ``sys.path``) and holds the :class:`tgtfast.TGTConfig` fields under ``train``::
+The YAML file names the models and the data as ``module:function`` factories and holds the
+:class:`tgtfast.TGTConfig` fields under ``train``::
 
     # tgtfast train --config run.yaml
     student: my_models:make_student          # module:function, or {factory: module:function, args: {...}}
@@ -22,17 +22,28 @@ directory first, then from ``sys.path``) and holds the :class:`tgtfast.TGTConfig
 
 Unknown keys anywhere are an error, as are values of the wrong type; everything is checked before training
 starts, and a failing run overwrites nothing already saved.
+
+A config runs code. Its factories (student, labeler, decoder, encoder, data, batch_fn) are Python modules that
+are imported and called with your privileges, like the ``_target_`` entries of a Hydra config: run only
+configs, and modules beside them, that you trust. A factory module is looked up among the installed modules
+and then in the config file's directory (added at the end of ``sys.path``, never ahead of installed
+packages); a module beside the config that has the name of an installed one (a ``matplotlib.py``, a
+``json.py``) is refused rather than imported. ``--resume`` reads the checkpoint with
+``torch.load(weights_only=True)``: tensors and plain containers only, no code.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.machinery
+import importlib.util
 import json
 import os
 import sys
-from numbers import Integral, Real
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+from tgtfast import validation
 
 __all__ = ["main", "train_main", "ConfigError", "load_config", "CONFIG_KEYS", "LOSS_KEYS", "help_config"]
 
@@ -69,7 +80,12 @@ def help_config() -> str:
     """The documentation of every config key."""
     from tgtfast.train import TGTConfig
 
-    out = ["Top-level keys:"]
+    out = [
+        "A config runs code: its module:function factories are imported and called with your privileges (as with",
+        "Hydra's _target_), so run only configs and factory modules you trust. Factory modules are found among the",
+        "installed modules, then in the config file's directory; one there named like an installed module is refused.",
+        "Top-level keys:",
+    ]
     out += [f"  {k}: {v}" for k, v in CONFIG_KEYS.items()]
     out.append("loss keys:")
     out += [f"  {k}: {v}" for k, v in LOSS_KEYS.items()]
@@ -78,22 +94,106 @@ def help_config() -> str:
     return "\n".join(out)
 
 
-def _resolve(path: Any, key: str) -> Callable:
-    if not isinstance(path, str) or path.count(":") != 1:
-        raise ConfigError(f"{key} must be 'module:function', got {path!r}")
-    mod_name, fn_name = path.split(":")
+def _local_module(base_dir: str, top: str) -> Optional[str]:
+    """The file of the top-level module ``top`` in ``base_dir`` (a ``.py`` file or a package), or None."""
+    for path in (os.path.join(base_dir, top + ".py"), os.path.join(base_dir, top, "__init__.py")):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _inside(path: Optional[str], directory: str) -> bool:
+    if not path:
+        return False
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
+
+
+_CONFIG_DIRS: set = set()  # the config directories appended to sys.path (not "installed" locations)
+
+
+def _installed_location(top: str, base_dir: str) -> Optional[str]:
+    """Where the top-level module ``top`` is installed (a built-in, a frozen module, or a file on ``sys.path``
+    outside the config directories), or None."""
+    if top in sys.builtin_module_names or importlib.machinery.FrozenImporter.find_spec(top) is not None:
+        return f"the built-in module {top}"
+    skip = {os.path.realpath(d) for d in _CONFIG_DIRS | {base_dir}}
+    paths = [p for p in sys.path if isinstance(p, str) and os.path.realpath(p or os.getcwd()) not in skip]
     try:
-        module = importlib.import_module(mod_name)
+        spec = importlib.machinery.PathFinder.find_spec(top, paths)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if spec.origin not in (None, "namespace"):
+        return spec.origin
+    return list(spec.submodule_search_locations or [top])[0]
+
+
+def _load_local(top: str, path: str):
+    """The module ``top`` from the file ``path`` of the config's directory (a stale module of that name, from
+    another config's directory, is replaced)."""
+    existing = sys.modules.get(top)
+    if existing is not None and os.path.realpath(getattr(existing, "__file__", "") or "") == os.path.realpath(path):
+        return existing
+    for name in [m for m in sys.modules if m == top or m.startswith(top + ".")]:
+        del sys.modules[name]
+    package = os.path.basename(path) == "__init__.py"
+    spec = importlib.util.spec_from_file_location(
+        top, path, submodule_search_locations=[os.path.dirname(path)] if package else None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[top] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(top, None)
+        raise
+    return module
+
+
+def _import_factory_module(mod_name: str, key: str, base_dir: str):
+    """Import ``mod_name`` for a factory: from the config's directory when the module is there, else from the
+    installed modules. The directory goes at the end of ``sys.path`` (for the imports of the factory modules
+    themselves), never ahead of installed packages, and a module there named like an installed module is
+    refused rather than imported."""
+    top = mod_name.split(".")[0]
+    local = _local_module(base_dir, top)
+    if local is not None:
+        installed = _installed_location(top, base_dir)
+        if installed is not None:
+            raise ConfigError(
+                f"{key}: the module {top!r} beside the config ({local}) has the name of an installed module "
+                f"({installed}); rename it: a config's factories never shadow installed modules"
+            )
+    if base_dir not in sys.path:
+        sys.path.append(base_dir)  # after the installed packages: the config's folder never shadows them
+    _CONFIG_DIRS.add(base_dir)
+    try:
+        if local is not None:
+            module = _load_local(top, local)
+            if mod_name == top:
+                return module
+        return importlib.import_module(mod_name)
     except ImportError as exc:
         raise ConfigError(f"{key}: cannot import module {mod_name!r}: {exc}") from None
+    except Exception as exc:  # the module's own code failed
+        raise ConfigError(f"{key}: importing module {mod_name!r} raised {type(exc).__name__}: {exc}") from None
+
+
+def _resolve(path: Any, key: str, base_dir: str) -> Callable:
+    if not isinstance(path, str) or path.count(":") != 1 or not all(path.split(":")):
+        raise ConfigError(f"{key} must be 'module:function', got {path!r}")
+    mod_name, fn_name = path.split(":")
+    module = _import_factory_module(mod_name, key, base_dir)
     fn = getattr(module, fn_name, None)
     if fn is None or not callable(fn):
         raise ConfigError(f"{key}: {mod_name!r} has no callable {fn_name!r}")
     return fn
 
 
-def _build(spec: Any, key: str) -> Any:
-    """Call the factory named by ``spec`` ('module:function' or {factory:, args:})."""
+def _build(spec: Any, key: str, base_dir: str) -> Any:
+    """Call the factory named by ``spec`` ('module:function' or {factory:, args:}); whatever it raises becomes
+    a ConfigError naming the key."""
     args: Dict[str, Any] = {}
     if isinstance(spec, dict):
         unknown = sorted(set(spec) - set(_FACTORY_KEYS))
@@ -105,11 +205,11 @@ def _build(spec: Any, key: str) -> Any:
         if not isinstance(args, dict):
             raise ConfigError(f"{key}.args must be a mapping of keyword arguments, got {type(args).__name__}")
         spec = spec["factory"]
-    fn = _resolve(spec, key)
+    fn = _resolve(spec, key, base_dir)
     try:
         return fn(**args)
-    except TypeError as exc:
-        raise ConfigError(f"{key}: calling {spec}(**{args}) failed: {exc}") from None
+    except Exception as exc:
+        raise ConfigError(f"{key}: calling {spec}(**{args}) raised {type(exc).__name__}: {exc}") from None
 
 
 def _split_data(obj: Any) -> Tuple[Any, Any]:
@@ -130,17 +230,17 @@ def _is_tensor(x: Any) -> bool:
 
 
 def _number(loss: Dict[str, Any], key: str, default: float) -> float:
-    v = loss.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, Real):
-        raise ConfigError(f"loss.{key} must be a number, got {type(v).__name__} {v!r}")
-    return float(v)
+    try:
+        return validation.real(f"loss.{key}", loss.get(key, default))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _int(loss: Dict[str, Any], key: str, default: int) -> int:
-    v = loss.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, Integral):
-        raise ConfigError(f"loss.{key} must be an int, got {type(v).__name__} {v!r}")
-    return int(v)
+    try:
+        return validation.integer(f"loss.{key}", loss.get(key, default))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _make_loss(spec: Any, labeler: Any, val: Any, batch_fn: Optional[Callable], base_dir: str):
@@ -217,7 +317,11 @@ def _search_coeffs(spec: Dict[str, Any], labeler: Any, val: Any, batch_fn: Optio
 
 
 def load_config(path: str) -> Dict[str, Any]:
-    """Read and check the YAML file's top level (unknown keys are an error)."""
+    """Read and check the YAML file's top level (unknown keys are an error).
+
+    Reading runs no code (``yaml.safe_load``), but the config it returns names ``module:function`` factories
+    that ``tgtfast train`` then imports and calls: a config runs code, like a Hydra config's ``_target_``
+    entries. Run only configs and factory modules you trust."""
     import yaml
 
     try:
@@ -276,33 +380,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 train_main = main  # the name of the entry point before tgtfast.cli.train held it
 
 
+def _train_values(cfg: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any]:
+    """The ``train`` mapping with the command line's overrides applied (before the fields are validated, so
+    that ``--out`` satisfies a ``checkpoint_every`` without ``out_dir``)."""
+    values = dict(cfg.get("train") or {})
+    if args.out is not None:
+        values["out_dir"] = args.out
+    if args.resume:
+        values["resume"] = True
+    if args.quick:
+        steps = values.get("max_steps")
+        if steps is None:
+            values["max_steps"] = 5
+        elif isinstance(steps, int) and not isinstance(steps, bool):
+            values["max_steps"] = min(steps, 5)  # anything else: validation names the field
+        values["checkpoint_every"] = 0
+    out_dir = values.get("out_dir")
+    if isinstance(out_dir, str) and not os.path.isabs(out_dir):
+        values["out_dir"] = os.path.join(os.getcwd(), out_dir)
+    return values
+
+
 def _run(args: argparse.Namespace):
     import tgtfast
 
     cfg = load_config(args.config)
     base_dir = os.path.dirname(os.path.abspath(args.config))
-    if base_dir not in sys.path:
-        sys.path.insert(0, base_dir)
-    config = tgtfast.TGTConfig.from_dict(dict(cfg.get("train") or {}))  # type and range errors name the field
-    changes: Dict[str, Any] = {}
-    if args.out is not None:
-        changes["out_dir"] = args.out
-    if args.resume:
-        changes["resume"] = True
-    if args.quick:
-        changes["max_steps"] = 5 if config.max_steps is None else min(config.max_steps, 5)
-        changes["checkpoint_every"] = 0
-    out_dir = changes.get("out_dir", config.out_dir)
-    if out_dir is not None and not os.path.isabs(out_dir):
-        changes["out_dir"] = os.path.join(os.getcwd(), out_dir)
-    config = config.replace(**changes)
+    config = tgtfast.TGTConfig.from_dict(_train_values(cfg, args))  # type and range errors name the field
 
-    student = _build(cfg["student"], "student")
-    labeler = _build(cfg["labeler"], "labeler")
-    decoder = _build(cfg["decoder"], "decoder") if cfg.get("decoder") is not None else None
-    encoder = _build(cfg["encoder"], "encoder") if cfg.get("encoder") is not None else None
-    train, val = _split_data(_build(cfg["data"], "data"))
-    batch_fn = _resolve(cfg["batch_fn"], "batch_fn") if cfg.get("batch_fn") is not None else None
+    student = _build(cfg["student"], "student", base_dir)
+    labeler = _build(cfg["labeler"], "labeler", base_dir)
+    decoder = _build(cfg["decoder"], "decoder", base_dir) if cfg.get("decoder") is not None else None
+    encoder = _build(cfg["encoder"], "encoder", base_dir) if cfg.get("encoder") is not None else None
+    train, val = _split_data(_build(cfg["data"], "data", base_dir))
+    batch_fn = _resolve(cfg["batch_fn"], "batch_fn", base_dir) if cfg.get("batch_fn") is not None else None
     loss = _make_loss(cfg.get("loss"), labeler, val, batch_fn, base_dir)
     trainer = tgtfast.TGTTrainer(student, labeler, decoder, encoder, loss=loss, config=config, batch_fn=batch_fn)
     return trainer.fit(train, val), config.out_dir
