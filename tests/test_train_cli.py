@@ -82,7 +82,8 @@ def test_quick_end_to_end(tmp_path, capsys, monkeypatch):
     """The real console command, in a subprocess, with --quick: 5 steps, files written, JSON summary printed."""
     cfg = write(tmp_path, mode="gradient")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="")
-    r = subprocess.run([sys.executable, "-m", "tgtfast.cli", "train", "--config", cfg, "--quick"], cwd=tmp_path,
+    console = "import sys; from tgtfast.cli import main; sys.exit(main())"  # what the `tgtfast` script runs
+    r = subprocess.run([sys.executable, "-c", console, "train", "--config", cfg, "--quick"], cwd=tmp_path,
                        env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
@@ -167,10 +168,10 @@ def test_ptloss_coefficients_from_the_proxy_teacher(tmp_path, capsys, monkeypatc
     assert train_main(["--config", cfg, "--quick"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 5
-    ckpt = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
     # the searched coefficients are part of the run's identity: another loss cannot resume it
     text = open(cfg).read().replace("coeffs: search, order: 2, num_candidates: 4", "coeffs: [0.0, 0.0]")
     open(cfg, "w").write(text)
     assert train_main(["--config", cfg, "--quick", "--resume"]) == 2
     assert "another configuration" in capsys.readouterr().err
-    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["step"] == ckpt["step"]
+    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["step"] == ckpt["step"]
