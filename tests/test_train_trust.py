@@ -11,14 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-import tgtfast
 from tgtfast.cli.train import help_config, load_config, main as train_main
 from tgtfast.train import TGTConfig, TGTTrainer
 from tgtfast.train import checkpoint as ckpt
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from test_train_cli import FACTORIES  # noqa: E402
 from test_train_cli import write as write_config  # noqa: E402
 
 SCRIPT = os.path.join(HERE, "trainer_script.py")

@@ -16,7 +16,7 @@ import re
 import socket
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 from torch import nn

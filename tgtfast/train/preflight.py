@@ -5,7 +5,7 @@ before anything is written), check every label of the training set, and cache th
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
