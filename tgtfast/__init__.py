@@ -42,17 +42,7 @@ _checkout_kernels()
 from tgtfast import ops, reference  # noqa: E402  (ops registers every op with the dispatcher)
 from tgtfast._ext import empty_cpu_cache  # noqa: E402
 from tgtfast.dispatch import Backend, backends  # noqa: E402
-from tgtfast.losses import (  # noqa: E402
-    FocalKDLoss,
-    FusedLinearPTLoss,
-    KDLoss,
-    LabelSmoothedKDLoss,
-    PTLoss,
-    focal_kd_loss,
-    fused_linear_ptloss,
-    kd_loss,
-    ptloss,
-)
+from tgtfast.losses import FocalKDLoss, KDLoss, LabelSmoothedKDLoss, PTLoss, focal_kd_loss, kd_loss, ptloss  # noqa: E402,I001
 from tgtfast.proxy import (  # noqa: E402
     CoefficientSearchResult,
     deviation,
@@ -64,7 +54,30 @@ from tgtfast.tgt import latent_noise, perturb, perturb_decode_label, temperature
 from tgtfast.trainer import TGTConfig, TGTHistory, TGTTrainer  # noqa: E402
 
 # Former module paths, kept so ``tgtfast.functional.ptloss`` and the like still resolve after ``import tgtfast``.
-from tgtfast import _mlp, functional, fused_linear, trainer  # noqa: E402,F401
+from tgtfast import _mlp, functional, trainer  # noqa: E402,F401
+
+# Imported on first use: the fused linear loss marks itself a graph break for torch.compile, which imports
+# torch._dynamo (about a second); ``import tgtfast`` stays within half a second of ``import torch``.
+_LAZY = {
+    "fused_linear_ptloss": "tgtfast.losses.fused_linear",
+    "FusedLinearPTLoss": "tgtfast.losses.fused_linear",
+    "fused_linear": None,
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(_LAZY[name] or f"tgtfast.{name}")
+        value = module if _LAZY[name] is None else getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tgtfast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 __version__ = "0.1.0"
 

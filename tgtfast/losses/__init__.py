@@ -9,7 +9,6 @@
 """
 
 from tgtfast.losses.functional import focal_kd_loss, kd_loss, ptloss
-from tgtfast.losses.fused_linear import FusedLinearPTLoss, default_chunk_size, fused_linear_ptloss
 from tgtfast.losses.modules import FocalKDLoss, KDLoss, LabelSmoothedKDLoss, PTLoss, coeffs_buffer
 
 __all__ = [
@@ -25,3 +24,13 @@ __all__ = [
     "default_chunk_size",
     "coeffs_buffer",
 ]
+
+
+def __getattr__(name: str):
+    # imported on first use: it imports torch._dynamo (see tgtfast/__init__.py)
+    if name in ("fused_linear_ptloss", "FusedLinearPTLoss", "default_chunk_size", "fused_linear"):
+        import importlib
+
+        module = importlib.import_module("tgtfast.losses.fused_linear")
+        return module if name == "fused_linear" else getattr(module, name)
+    raise AttributeError(f"module 'tgtfast.losses' has no attribute {name!r}")
