@@ -417,3 +417,7 @@ def _run(args: argparse.Namespace):
     loss = _make_loss(cfg.get("loss"), labeler, val, batch_fn, base_dir)
     trainer = tgtfast.TGTTrainer(student, labeler, decoder, encoder, loss=loss, config=config, batch_fn=batch_fn)
     return trainer.fit(train, val), config.out_dir
+
+
+if __name__ == "__main__":
+    sys.exit(main())
