@@ -41,7 +41,7 @@ from typing import List, Optional
 from tgtfast.bench.case import GPU_BACKENDS, IMPLS, Case, backend_impls
 from tgtfast.bench.import_time import TARGET_S as IMPORT_TARGET_S
 from tgtfast.bench.import_time import run_import
-# private helpers re-exported for the scripts that import them from here (benchmarks/bench_tgt.py,
+# private helpers re-exported for the scripts that import them from here (benchmarks/bench_mlp_chain.py,
 # benchmarks/bench_fused_linear.py, tests/test_bench.py)
 from tgtfast.bench.memory import _peak_memory_child, _peak_memory_subprocess, _peak_rss_bytes, _rss_bytes
 from tgtfast.bench.ptloss import available_impls, make_inputs, make_step

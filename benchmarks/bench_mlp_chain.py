@@ -1,6 +1,6 @@
 """Benchmark of the fused MLP perturb -> decode -> label chain against the same modules called one by one.
 
-    python benchmarks/bench_tgt.py [--b 4096] [--k 10 1000] [--dtype float32] [--repeats 9] [--grad] [--threads N]
+    python benchmarks/bench_mlp_chain.py [--b 4096] [--k 10 1000] [--dtype float32] [--repeats 9] [--grad] [--threads N]
                                    [--json F]
 
 Teacher of the TGT issue: decoder 64 -> 256 -> 784 (ReLU, then sigmoid out), labeler 784 -> 256 -> K (ReLU),
@@ -15,7 +15,7 @@ over ``--repeats`` runs after warm-up (the rows take turns, one run each, so tha
 machine hits them alike), its min-max spread, the speed-up over eager, on the CPU the minor page faults per call
 (fresh memory the kernel maps and zeroes: what the allocator costs), and the peak extra memory:
 on the CPU the peak RSS of a fresh subprocess per row above its RSS before the timed call (VmHWM reset through
-/proc/self/clear_refs, as tgtfast/bench.py does for PTLoss); on a GPU ``torch.cuda.max_memory_allocated``
+/proc/self/clear_refs, as tgtfast/bench/ does for PTLoss); on a GPU ``torch.cuda.max_memory_allocated``
 above the inputs. The fused rows are checked against eager with the same noise (latent_noise).
 """
 
@@ -94,7 +94,7 @@ def peak_memory_child(impl: str, b: int, k: int, dtype: str, grad: bool) -> int:
 
 def _peak_memory_subprocess(impl: str, b: int, k: int, dtype: str, grad: bool) -> Optional[int]:
     here = os.path.dirname(os.path.abspath(__file__))
-    code = f"from bench_tgt import peak_memory_child as f; print(f({impl!r}, {b}, {k}, {dtype!r}, {grad}))"
+    code = f"from bench_mlp_chain import peak_memory_child as f; print(f({impl!r}, {b}, {k}, {dtype!r}, {grad}))"
     try:  # run beside this file, never from a source checkout of tgtfast (it holds no build)
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=here,
                              env=dict(os.environ, TGTFAST_QUIET="1"))

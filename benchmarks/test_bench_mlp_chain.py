@@ -1,7 +1,7 @@
-"""pytest-benchmark suite for the fused MLP chain: ``pytest benchmarks/test_bench_tgt.py --benchmark-only``.
+"""pytest-benchmark suite for the fused MLP chain: ``pytest benchmarks/test_bench_mlp_chain.py --benchmark-only``.
 
 Forward of the TGT teacher of the issue (decoder 64->256->784, labeler 784->256->K) for the eager modules and
-every available fused backend; ``python benchmarks/bench_tgt.py`` reports the same with peak memory.
+every available fused backend; ``python benchmarks/bench_mlp_chain.py`` reports the same with peak memory.
 """
 
 import os
@@ -14,7 +14,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 # the installed tgtfast (with its compiled extension), never the source tree `python -m pytest` puts first
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(_HERE)]
 sys.path.insert(0, _HERE)
-from bench_tgt import LATENT, available_impls, make_step, make_teacher, run_once  # noqa: E402
+from bench_mlp_chain import LATENT, available_impls, make_step, make_teacher, run_once  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
