@@ -1,16 +1,18 @@
-"""PTLoss on the CPU backends against the float64 reference, plus the API contract."""
+"""PTLoss on the CPU backends against the independent float64 oracle (tests/oracle.py), plus the API contract.
+
+Every backend, "reference" included, is judged against closed-form float64 losses and gradients computed from
+the same (rounded) inputs, never against tgtfast.reference in the same dtype.
+"""
 
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_to_truth, cpu_backends, needs_backend, run_loss
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from conftest import cpu_backends, needs_backend, run_loss
+from oracle import assert_close64, closed_form_grads, focal_oracle, ptloss_oracle, ptloss_rows64
 
 import tgtfast
-from tgtfast import reference
 
 BACKENDS = cpu_backends()
 
@@ -31,16 +33,62 @@ def make_coeffs(layout, m, k):
     return torch.rand(m, k) * 4 - 1
 
 
-def check_against_reference(backend, s, t, coeffs, **kw):
-    dtype = s.dtype
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_against_oracle(backend, s, t, coeffs, **kw):
+    """Loss and both gradients of tgtfast.ptloss(backend) against the float64 oracle on the same inputs.
+
+    Loss: float32 accuracy for float32/bf16 inputs on the kernels (they accumulate in float32); the eager
+    reference backend computes in the input dtype, so its bf16 loss gets bf16's tolerance. Gradients: a few
+    units of the input dtype."""
+    dtype = torch.promote_types(s.dtype, t.dtype)
+    acc = _acc(dtype)
     out = run_loss(tgtfast.ptloss, s, t, coeffs=coeffs, backend=backend, **kw)
-    c64 = None if coeffs is None else coeffs.double()
-    truth = run_loss(reference.ptloss, s.double(), t.double(), coeffs=c64, **kw)
-    same = run_loss(reference.ptloss, s, t, coeffs=None if coeffs is None else coeffs.to(dtype), **kw)
-    for name, o, sd, tr in zip(("loss", "grad student", "grad teacher"), out, same, truth):
-        assert o.dtype == (tr.dtype if name == "loss" and dtype == torch.float64 else o.dtype)
-        assert_close_to_truth(o, sd, tr, dtype, name)
+    c = None if coeffs is None else torch.as_tensor(coeffs).to(acc)  # coefficients run in the accumulation dtype
+    truth = ptloss_oracle(s, t, c, **kw)
+    assert out[0].dtype == acc, out[0].dtype
+    assert out[1].dtype == s.dtype and out[2].dtype == t.dtype
+    low = backend == "reference" and dtype in (torch.bfloat16, torch.float16)
+    # the eager reference backend runs every op in bf16 (several roundings per element, not one): up to ~5% of
+    # the largest gradient; see test_reference_backend_bf16_accumulates_in_float32
+    g_tol = dict(atol=8e-2) if low else {}
+    assert_close64(out[0], truth[0], dtype if low else acc, f"{backend} loss")
+    assert_close64(out[1], truth[1], s.dtype, f"{backend} grad student", **g_tol)
+    assert_close64(out[2], truth[2], t.dtype, f"{backend} grad teacher", **g_tol)
     return out
+
+
+@pytest.mark.xfail(strict=True, reason="the eager 'reference' backend computes bf16 inputs in bf16 (loss off by ~1e-2 "
+                   "relative), not accumulating in float32 as docs/design.md 'Dtypes' states")
+def test_reference_backend_bf16_accumulates_in_float32():
+    torch.manual_seed(0)
+    s, t = make_inputs((41, 1271), torch.bfloat16)
+    loss = tgtfast.ptloss(s, t, torch.linspace(-0.8, 3.0, 5), backend="reference")
+    truth = ptloss_oracle(s, t, torch.linspace(-0.8, 3.0, 5))[0]
+    assert_close64(loss, truth, torch.float32, "reference backend bf16 loss")
+
+
+def test_oracle_matches_autograd_of_its_own_loss():
+    """The oracle's closed-form gradients are the derivatives of its explicit loss (float64 autograd)."""
+    for teacher_is_logits, smoothing, coeffs in ((True, 0.0, None), (True, 0.2, [0.7, -0.4, 1.3]),
+                                                 (False, 0.1, torch.rand(2, 9) * 3 - 1), (False, 0.0, [2.0])):
+        s, t = make_inputs((5, 9), torch.float64, teacher_is_logits)
+        s.requires_grad_(True)
+        t.requires_grad_(True)
+        rows = ptloss_rows64(s, t, coeffs, temperature=1.7, teacher_is_logits=teacher_is_logits,
+                             label_smoothing=smoothing)
+        gs, gt = torch.autograd.grad(rows.sum(), (s, t))
+        cs, ct = closed_form_grads(s.detach(), t.detach(), coeffs, 1.7, smoothing, teacher_is_logits)
+        torch.testing.assert_close(cs, gs, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ct, gt, rtol=1e-10, atol=1e-12)
+        # and the KL part is torch's kl_div on the smoothed teacher
+        if coeffs is None:
+            p = torch.softmax(t.detach() / 1.7, -1) if teacher_is_logits else t.detach()
+            p = (1 - smoothing) * p + smoothing / 9
+            kl = F.kl_div(torch.log_softmax(s.detach() / 1.7, -1), p, reduction="none").sum(-1)
+            torch.testing.assert_close(rows.detach(), kl, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -49,7 +97,7 @@ def check_against_reference(backend, s, t, coeffs, **kw):
 @pytest.mark.parametrize("layout,m", [("none", 0), ("shared", 1), ("shared", 5), ("per_class", 3), ("shared", 8)])
 def test_matches_reference(backend, dtype, shape, layout, m):
     s, t = make_inputs(shape, dtype)
-    check_against_reference(backend, s, t, make_coeffs(layout, m, shape[-1]), temperature=1.0)
+    check_against_oracle(backend, s, t, make_coeffs(layout, m, shape[-1]), temperature=1.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -61,24 +109,104 @@ def test_options_match_reference(backend, dtype, teacher_is_logits, temperature,
     s, t = make_inputs((33, 157), dtype, teacher_is_logits)
     if not teacher_is_logits:  # bfloat16 probabilities do not sum to 1 closely: keep the teacher in float32
         t = torch.randn(33, 157, dtype=torch.float64).mul(3).softmax(-1).float()
-    check_against_reference(backend, s, t, make_coeffs("per_class", 4, 157), temperature=temperature,
+    check_against_oracle(backend, s, t, make_coeffs("per_class", 4, 157), temperature=temperature,
                             label_smoothing=smoothing, teacher_is_logits=teacher_is_logits, reduction=reduction)
 
 
+IGNORE_INDICES = [-100, 7, -1, 0]
+
+
+def make_target(lead, k, ignore_index, frac=0.4, seed=0):
+    """Random class targets with a random fraction of rows set to ignore_index (row 0 always ignored). With a
+    non-default ignore_index some kept rows hold -100, which must then count as an ordinary row."""
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, k, lead, generator=g)
+    target[target == ignore_index] = (ignore_index + 1) % k  # only the rows chosen below are ignored
+    ignored = torch.rand(lead, generator=g) < frac
+    ignored.view(-1)[0] = True
+    ignored.view(-1)[-1] = False
+    target[ignored] = ignore_index
+    if ignore_index != -100:
+        kept = (~ignored).nonzero()
+        target[tuple(kept[: max(1, len(kept) // 2)].T)] = -100
+    return target
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
-def test_ignore_index_rows(backend, reduction):
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none", "mean"])
+@pytest.mark.parametrize("ignore_index", IGNORE_INDICES)
+def test_ignore_index_rows(backend, reduction, ignore_index):
     s, t = make_inputs((4, 6, 50), torch.float32)
-    target = torch.randint(0, 50, (4, 6))
-    target[torch.rand(4, 6) < 0.4] = -100
-    target[0, 0] = -100
+    target = make_target((4, 6), 50, ignore_index)
+    ignored = target == ignore_index
     s[0, 0, 3] = float("nan")  # an ignored row may hold anything
-    out = check_against_reference(backend, s, t, make_coeffs("shared", 3, 50), target=target, reduction=reduction)
+    t[0, 0, 5] = float("inf")
+    out = check_against_oracle(backend, s, t, make_coeffs("shared", 3, 50), target=target, reduction=reduction,
+                                  ignore_index=ignore_index)
     loss, gs, gt = out
-    ignored = target == -100
     assert torch.all(gs[ignored] == 0) and torch.all(gt[ignored] == 0)
+    assert torch.all(gs[~ignored].abs().sum(-1) > 0)
     if reduction == "none":
-        assert torch.all(loss[ignored] == 0)
+        assert torch.all(loss[ignored] == 0) and torch.all(loss[~ignored] > 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ignore_index", IGNORE_INDICES)
+@pytest.mark.parametrize("teacher_is_logits", [True, False])
+def test_ignore_index_kd_loss_and_probability_teacher(backend, ignore_index, teacher_is_logits):
+    s, t = make_inputs((9, 13), torch.float32, teacher_is_logits)
+    target = make_target((9,), 13, ignore_index, seed=1)
+    s[target == ignore_index] = float("nan")
+    for reduction in ("batchmean", "none"):
+        kw = dict(temperature=2.0, teacher_is_logits=teacher_is_logits, reduction=reduction,
+                  ignore_index=ignore_index, target=target)
+        got = run_loss(tgtfast.kd_loss, s, t, backend=backend, **kw)
+        truth = ptloss_oracle(s, t, None, **kw)
+        assert_close64(got[0], truth[0], torch.float32, "kd_loss")
+        assert_close64(got[1], truth[1], torch.float32, "kd_loss grad student")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ignore_index", IGNORE_INDICES)
+def test_ignore_index_modules(backend, ignore_index):
+    s, t = make_inputs((2, 5, 11), torch.float32)
+    target = make_target((2, 5), 11, ignore_index, seed=2)
+    s[target == ignore_index] = float("nan")
+    cases = [
+        (tgtfast.PTLoss([0.5, -0.25], temperature=1.5, ignore_index=ignore_index, backend=backend),
+         dict(coeffs=torch.tensor([0.5, -0.25]), temperature=1.5)),
+        (tgtfast.KDLoss(temperature=3.0, reduction="sum", ignore_index=ignore_index, backend=backend),
+         dict(temperature=3.0, reduction="sum")),
+        (tgtfast.LabelSmoothedKDLoss(0.2, reduction="none", ignore_index=ignore_index, backend=backend),
+         dict(label_smoothing=0.2, reduction="none")),
+    ]
+    for mod, kw in cases:
+        assert mod.ignore_index == ignore_index
+        got = run_loss(lambda a, b: mod(a, b, target), s, t)
+        truth = ptloss_oracle(s, t, kw.pop("coeffs", None), target=target, ignore_index=ignore_index, **kw)
+        for what, a, b in zip(("loss", "grad student", "grad teacher"), got, truth):
+            assert_close64(a, b, torch.float32, f"{type(mod).__name__} {what}")
+
+
+@pytest.mark.parametrize("ignore_index", IGNORE_INDICES)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_ignore_index_focal(ignore_index, reduction):
+    s, t = make_inputs((3, 4, 9), torch.float32)
+    target = make_target((3, 4), 9, ignore_index, seed=3)
+    s[target == ignore_index] *= 50  # finite garbage: masking must remove it (NaN rows: see test_adversarial)
+    for teacher_is_logits in (True, False):
+        tt = t if teacher_is_logits else t.softmax(-1)
+        kw = dict(gamma=1.5, temperature=2.0, teacher_is_logits=teacher_is_logits, reduction=reduction,
+                  ignore_index=ignore_index)
+        truth = focal_oracle(s, tt, target=target, **kw)
+        got = run_loss(lambda a, b: tgtfast.focal_kd_loss(a, b, target=target, **kw), s, tt)
+        assert_close64(got[0], truth[0], torch.float32, "focal_kd_loss")
+        assert_close64(got[1], truth[1], torch.float32, "focal_kd_loss grad")
+        mod = tgtfast.FocalKDLoss(**kw)
+        assert mod.ignore_index == ignore_index
+        got = run_loss(lambda a, b: mod(a, b, target), s, tt)
+        assert_close64(got[0], truth[0], torch.float32, "FocalKDLoss")
+        assert_close64(got[1], truth[1], torch.float32, "FocalKDLoss grad")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -145,7 +273,7 @@ def test_gradcheck_cpp(teacher_is_logits, coeffs):
 @needs_backend("cpp")
 def test_teacher_probability_gradient_formula():
     s, t = make_inputs((6, 11), torch.float64, teacher_is_logits=False)
-    check_against_reference("cpp", s, t, torch.tensor([0.3, 1.1], dtype=torch.float64), teacher_is_logits=False,
+    check_against_oracle("cpp", s, t, torch.tensor([0.3, 1.1], dtype=torch.float64), teacher_is_logits=False,
                             label_smoothing=0.2)
 
 
@@ -155,9 +283,10 @@ def test_extreme_logits_are_finite(backend):
     t = torch.tensor([[-1e4, 1e4, 3.0, 0.0], [1e4, -1e4, 0.0, 0.0]])
     loss, gs, gt = run_loss(tgtfast.ptloss, s, t, coeffs=[2.0, -1.0, 0.5], backend=backend)
     assert torch.isfinite(loss).all() and torch.isfinite(gs).all() and torch.isfinite(gt).all()
-    truth = run_loss(reference.ptloss, s.double(), t.double(), coeffs=torch.tensor([2.0, -1.0, 0.5]).double())
-    assert torch.allclose(loss.double(), truth[0], rtol=1e-5)
-    assert torch.allclose(gs.double(), truth[1], atol=1e-5)
+    truth = ptloss_oracle(s, t, [2.0, -1.0, 0.5])
+    assert_close64(loss, truth[0], torch.float32, "loss")
+    assert_close64(gs, truth[1], torch.float32, "grad student")
+    assert_close64(gt, truth[2], torch.float32, "grad teacher")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -174,8 +303,8 @@ def test_non_contiguous_inputs(backend):
     s, t = make_inputs((16, 40), torch.float32)
     s_nc, t_nc = s.t().contiguous().t(), t[:, ::1]
     s_view = torch.randn(40, 16).t()  # non-contiguous
-    check_against_reference(backend, s_view, t_nc, make_coeffs("shared", 2, 40))
-    check_against_reference(backend, s_nc, t.t().contiguous().t(), None)
+    check_against_oracle(backend, s_view, t_nc, make_coeffs("shared", 2, 40))
+    check_against_oracle(backend, s_nc, t.t().contiguous().t(), None)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -197,7 +326,7 @@ def test_retained_graph_and_scaled_backward(target):
     reduction's own; any other incoming gradient (or a second backward) must still be right."""
     s, t = make_inputs((4, 10), torch.float32)
     s.requires_grad_(True)
-    expected = run_loss(reference.ptloss, s, t, coeffs=torch.tensor([1.0]), target=target)[1] / 2
+    expected = ptloss_oracle(s, t, [1.0], target=target, grad_output=1.0)[1].float()
     loss = tgtfast.ptloss(s, t, [1.0], target=target, backend="cpp")
     (g3,) = torch.autograd.grad(3 * loss, s, retain_graph=True)
     assert torch.allclose(g3, 3 * expected, atol=1e-6)
@@ -213,39 +342,13 @@ def test_retained_graph_and_scaled_backward(target):
         loss.backward()
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    n=st.integers(1, 9),
-    k=st.integers(1, 70),
-    m=st.integers(0, 9),
-    per_class=st.booleans(),
-    temperature=st.floats(0.3, 4.0),
-    smoothing=st.sampled_from([0.0, 0.05, 0.5]),
-    seed=st.integers(0, 2**16),
-)
-def test_property_cpp_vs_reference(n, k, m, per_class, temperature, smoothing, seed):
-    if "cpp" not in BACKENDS:
-        pytest.skip("cpp backend unavailable")
-    g = torch.Generator().manual_seed(seed)
-    s = torch.randn(n, k, generator=g, dtype=torch.float64) * 4
-    t = torch.randn(n, k, generator=g, dtype=torch.float64) * 4
-    coeffs = (torch.rand((m, k) if per_class else (m,), generator=g, dtype=torch.float64) * 11 - 1) if m else None
-    got = run_loss(tgtfast.ptloss, s.float(), t.float(), coeffs=None if coeffs is None else coeffs.float(),
-                   temperature=temperature, label_smoothing=smoothing, backend="cpp")
-    truth = run_loss(reference.ptloss, s, t, coeffs=coeffs, temperature=temperature, label_smoothing=smoothing)
-    scale = 1 + truth[0].abs().item()
-    assert abs(got[0].item() - truth[0].item()) <= 1e-4 * scale
-    assert torch.allclose(got[1].double(), truth[1], atol=1e-4 * scale)
-    assert torch.allclose(got[2].double(), truth[2], atol=1e-4 * scale)
-
-
 @needs_backend("triton")
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
 def test_triton_backend_through_public_api(reduction):
     """tgtfast.ptloss(backend="triton") goes through the registered triton_op and its autograd."""
     s, t = make_inputs((2, 3, 37), torch.float32)
     target = torch.tensor([[1, -100, 2], [3, 4, -100]])
-    check_against_reference("triton", s, t, make_coeffs("shared", 2, 37), temperature=1.5, label_smoothing=0.1,
+    check_against_oracle("triton", s, t, make_coeffs("shared", 2, 37), temperature=1.5, label_smoothing=0.1,
                             target=target, reduction=reduction)
 
 
@@ -349,7 +452,7 @@ def test_modules_and_defaults(tmp_path):
                           F.kl_div(torch.log_softmax(s / 2, -1), torch.softmax(t / 2, -1), reduction="batchmean"))
     ls = tgtfast.LabelSmoothedKDLoss()
     assert ls.label_smoothing == 0.1
-    assert torch.allclose(ls(s, t), reference.ptloss(s, t, label_smoothing=0.1), atol=1e-6)
+    assert_close64(ls(s, t), ptloss_oracle(s, t, label_smoothing=0.1)[0], torch.float32, "LabelSmoothedKDLoss")
     with pytest.raises(ValueError, match="temperature"):
         tgtfast.KDLoss(temperature=0)
 
@@ -387,7 +490,7 @@ def test_masked_vocabulary_entries():
     coeffs = torch.tensor([0.5, 1.5], dtype=torch.float64)
     loss, gs, _ = run_loss(tgtfast.ptloss, s.float(), t_full.float(), coeffs=coeffs.float(), teacher_is_logits=False,
                            backend=backend)
-    sub = run_loss(reference.ptloss, s[:, keep], p, coeffs=coeffs, teacher_is_logits=False)
-    assert torch.allclose(loss.double(), sub[0], rtol=1e-5)
-    assert torch.allclose(gs[:, keep].double(), sub[1], atol=1e-6)
+    sub = ptloss_oracle(s[:, keep].float(), p.float(), coeffs.float(), teacher_is_logits=False)
+    assert_close64(loss, sub[0], torch.float32, "loss")
+    assert_close64(gs[:, keep], sub[1], torch.float32, "grad student")
     assert torch.all(gs[:, ~keep] == 0)
