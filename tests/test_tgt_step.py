@@ -368,11 +368,12 @@ def test_routing_to_the_fused_mlp_chain(monkeypatch):
 
     calls = []
 
-    def fake(z, dec, lab, **kw):
-        calls.append((len(dec), len(lab), kw))
+    def fake(z, dec, lab, sigma, seed, offset, temperature, backend):
+        calls.append((len(dec), len(lab), dict(sigma=sigma, seed=seed, offset=offset, temperature=temperature,
+                                               backend=backend)))
         return z, z
 
-    monkeypatch.setattr(mlp, "perturb_decode_label_mlp", fake)
+    monkeypatch.setattr(mlp, "_run_chain", fake)
     dec, lab = _mlp([6, 10, 8]), _mlp([8, 4])
     tgtfast.perturb_decode_label(torch.randn(3, 6), dec, lab, sigma=0.1, seed=5, offset=2, temperature=1.5)
     assert calls == [(2, 1, dict(sigma=0.1, seed=5, offset=2, temperature=1.5, backend=None))]

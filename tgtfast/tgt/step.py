@@ -228,9 +228,7 @@ def perturb_decode_label(
             f"{dec_layers[-1][0].shape[0]}"
         )
     if dec_layers is not None and lab_layers is not None and z.dim() == 2 and z.dtype in _chain_op.MLP_DTYPES:
-        x_new, soft = perturb_decode_label_mlp(
-            z, dec_layers, lab_layers, sigma=sigma, seed=seed, offset=offset, temperature=temperature, backend=backend
-        )
+        x_new, soft = _run_chain(z, dec_layers, lab_layers, sigma, seed, offset, temperature, backend)
         if output == "logits":  # T log softmax(h / T) = h - (a per-row constant): the chain writes no logits
             return x_new, torch.log(soft.float().clamp_min(torch.finfo(torch.float32).tiny)) * temperature
         return x_new, soft
@@ -297,7 +295,6 @@ def perturb_decode_label_mlp(
 
     The weights are frozen constants: they never get a gradient (see the module docstring).
     """
-    global _warned_grad
     if not isinstance(z, Tensor):
         raise TypeError(f"perturb_decode_label_mlp: z must be a tensor, got {type(z).__name__}")
     if z.dim() != 2:
@@ -315,6 +312,14 @@ def perturb_decode_label_mlp(
     temperature = V.temperature(temperature)
     seed = V.seed(seed)
     offset = V.offset(offset, z.numel())
+    return _run_chain(z, dec, lab, sigma, seed, offset, temperature, backend)
+
+
+def _run_chain(z: Tensor, dec: List[Layer], lab: List[Layer], sigma: float, seed: int, offset: int,
+               temperature: float, backend) -> Tuple[Tensor, Tensor]:
+    """The chain on arguments already checked (by :func:`perturb_decode_label_mlp` or
+    :func:`perturb_decode_label`)."""
+    global _warned_grad
     if torch.is_grad_enabled() and not _warned_grad and any(
         t is not None and t.requires_grad for layer in dec + lab for t in layer[:2]
     ):
