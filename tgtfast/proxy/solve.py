@@ -174,10 +174,17 @@ def _solve_mc_block(p, logp, supp, eta, max_iter: int, tol: float):
     return z, res_out
 
 
+def _log_sigmoid(u):
+    """``log sigmoid(u) = min(u, 0) - log1p(exp(-|u|))``, exact in float64 for every u (+-inf included).
+    Spelled out because ``torch.nn.functional.logsigmoid`` was measured at ~7-17 ms per call on [2, 67] float64
+    CPU tensors (torch 2.13, 2 threads; this form: ~15 us), which made the 1-D search of a few rows take 0.7 s."""
+    return torch.clamp(u, max=0) - torch.log1p(torch.exp(-u.abs()))
+
+
 def _bin_f(u, p0, p1, e0, e1, c):
     """Binary objective (constant c = sum p log p included) at u = logit(q_0); all [r, G] with e* [M, r, 1]."""
-    lq0 = torch.nn.functional.logsigmoid(u)
-    lq1 = torch.nn.functional.logsigmoid(-u)
+    lq0 = _log_sigmoid(u)
+    lq1 = _log_sigmoid(-u)
     q0, q1 = lq0.exp(), lq1.exp()
     return c - p0 * lq0 - p1 * lq1 + p0 * _poly(e0, q1)[0] + p1 * _poly(e1, q0)[0]
 
