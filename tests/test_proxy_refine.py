@@ -14,7 +14,7 @@ from tgtfast import proxy as px
 F64 = torch.float64
 
 
-@pytest.fixture(params=["cpp", "reference"])
+@pytest.fixture(params=["cpp", "cuda", "reference"])
 def backend(request):
     avail = tgtfast.backends(op="proxy_teacher")[request.param]
     if avail != "available":
@@ -22,13 +22,19 @@ def backend(request):
     return request.param
 
 
-def _problem(n=120):
+@pytest.fixture
+def device(backend):
+    """The CUDA backend takes CUDA tensors (the search runs its kernel, the refine the CPU solve)."""
+    return torch.device("cuda" if backend == "cuda" else "cpu")
+
+
+def _problem(device, n=120):
     """A sharp (over-confident) teacher with labels drawn from it: the best random candidate is far from a
     stationary point of D, so a gradient step has a lot to gain."""
     g = torch.Generator().manual_seed(0)
     p = torch.softmax(torch.randn(n, 3, generator=g, dtype=F64) * 3.0, -1)
     y = torch.multinomial(p.float(), 1, generator=torch.Generator().manual_seed(1))[:, 0]
-    return p, y
+    return p.to(device), y.to(device)
 
 
 def _search(p, y, backend, **kw):
@@ -49,8 +55,8 @@ def _fd_gradient(p, y, coeffs, backend, h=1e-5):
     return g
 
 
-def test_refine_lowers_the_deviation_by_a_real_margin(backend):
-    p, y = _problem()
+def test_refine_lowers_the_deviation_by_a_real_margin(backend, device):
+    p, y = _problem(device)
     base = _search(p, y, backend)
     r = _search(p, y, backend, refine=True, refine_steps=4)
     assert r.refined_from == base.deviation
@@ -58,17 +64,17 @@ def test_refine_lowers_the_deviation_by_a_real_margin(backend):
     # a real descent, not "did not grow": at least 20% off the best random candidate's D here
     assert r.deviation <= 0.8 * r.refined_from, (r.deviation, r.refined_from)
     # the reported D is that of the returned coefficients
-    d_check = float(px.deviation(px.proxy_teacher(p, r.coeffs, backend=backend), y))
+    d_check = float(px.deviation(px.proxy_teacher(p, r.coeffs.to(device), backend=backend), y))
     assert abs(r.deviation - d_check) <= 1e-9 * d_check
 
 
-def test_refine_first_step_follows_minus_the_finite_difference_gradient(backend):
-    p, y = _problem()
+def test_refine_first_step_follows_minus_the_finite_difference_gradient(backend, device):
+    p, y = _problem(device)
     base = _search(p, y, backend)
     r = _search(p, y, backend, refine=True, refine_steps=1)
     assert r.refine_steps == 1
     step = r.coeffs - base.coeffs
-    g = _fd_gradient(p, y, base.coeffs, backend)
+    g = _fd_gradient(p, y, base.coeffs.to(device), backend).cpu()
     assert float(g.norm()) > 1e-4  # a point where the gradient is informative
     cos = float((step * -g).sum() / (step.norm() * g.norm()))
     assert cos > 0.999, cos

@@ -21,7 +21,7 @@ import torch
 from tgtfast import _ext
 from tgtfast.dispatch import Backend, register_op, select
 
-__all__ = ["OP", "solver", "compiled_solve"]
+__all__ = ["OP", "solver", "cpu_solver", "compiled_solve"]
 
 OP = "proxy_teacher"
 _F64 = torch.float64
@@ -61,6 +61,18 @@ def solver(backend: Optional[str], device: torch.device) -> str:
     if chosen is Backend.REFERENCE and device.type != "cpu":  # the reference solves CPU copies
         chosen = select(backend, torch.device("cpu"), _F64, op=OP)
     return chosen.value
+
+
+def cpu_solver(backend: Optional[str], device: torch.device) -> str:
+    """The implementation for solves of CPU copies within a call on `device`: the one :func:`solver` picks, or,
+    where that is the CUDA kernel, ``"cpp"`` (``"reference"`` without the extension)."""
+    chosen = solver(backend, device)
+    if chosen != "cuda":
+        return chosen
+    try:
+        return select("cpp", torch.device("cpu"), _F64, op=OP).value
+    except ValueError:
+        return Backend.REFERENCE.value
 
 
 def compiled_solve(solver_name: str, device: torch.device, p64: torch.Tensor, eta64: torch.Tensor,

@@ -261,8 +261,10 @@ def search_coefficients(
         num_classes=k, low=low, high=high, temperature=temperature,
     )
     if refine and refine_steps > 0:
+        # the refine solves the CPU copies (and differentiates through them): where the search ran the CUDA
+        # kernel, a CPU implementation takes over (forcing backend="cuda" on the CPU copies would be refused)
         coeffs, d_new, steps = _refine(p64, labels, best_coeffs, best_dev, total, refine_steps, low, high,
-                                       use_dist, t.device, backend)
+                                       use_dist, t.device, _op.cpu_solver(backend, t.device))
         result.refined_from = best_dev
         result.coeffs, result.deviation, result.refine_steps = coeffs, d_new, steps
     return result
