@@ -51,7 +51,7 @@ from tgtfast.proxy import (  # noqa: E402
     stationarity_residual,
 )
 from tgtfast.tgt import latent_noise, perturb, perturb_decode_label, temperature_softmax  # noqa: E402
-from tgtfast.trainer import TGTConfig, TGTHistory, TGTTrainer  # noqa: E402
+from tgtfast.train import TGTConfig, TGTHistory, TGTTrainer  # noqa: E402
 
 # Former module paths, kept so ``tgtfast.functional.ptloss`` and the like still resolve after ``import tgtfast``.
 from tgtfast import _mlp, functional, trainer  # noqa: E402,F401

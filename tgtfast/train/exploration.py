@@ -5,34 +5,21 @@ gradient ascent on the student-teacher divergence, decoded and labelled through
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Tuple
 
 import torch
 from torch import nn
 
 from tgtfast.train.noise import noise_seed
 
-__all__ = ["explore", "loss_sum", "soft_labels_as_logits", "autocast", "perturb_decode_label_fn"]
-
-
-def _eager_perturb_decode_label(z: torch.Tensor, decoder: Callable, labeler: Callable, *, sigma: float, seed: int,
-                                offset: int = 0, temperature: float = 1.0, backend: Optional[str] = None):
-    """Eager ``(decoder(z + sigma * noise), softmax(labeler(.) / temperature))`` with the package's noise."""
-    from tgtfast import reference
-
-    zz = z
-    if sigma != 0.0:
-        zz = z + sigma * reference.latent_noise(tuple(z.shape), seed, offset, device=z.device, dtype=z.dtype)
-    x = decoder(zz)
-    return x, torch.softmax(labeler(x).float() / temperature, dim=-1)
+__all__ = ["explore", "loss_sum", "autocast", "perturb_decode_label_fn"]
 
 
 def perturb_decode_label_fn() -> Callable:
-    """The package's :func:`tgtfast.perturb_decode_label` (looked up at every call, so that it can be wrapped),
-    or its eager equivalent."""
+    """The package's :func:`tgtfast.perturb_decode_label`, looked up at every call (so that it can be wrapped)."""
     import tgtfast
 
-    return getattr(tgtfast, "perturb_decode_label", None) or _eager_perturb_decode_label
+    return tgtfast.perturb_decode_label
 
 
 def autocast(bf16: bool, device: torch.device):
@@ -52,11 +39,6 @@ def loss_sum(loss: Callable, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return out * s.shape[0]
 
 
-def soft_labels_as_logits(p: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Teacher logits equivalent to the soft labels ``p = softmax(h / T)``: ``T log p = h - const``."""
-    return torch.log(p.float().clamp_min(torch.finfo(torch.float32).tiny)) * temperature
-
-
 def explore(z0: torch.Tensor, *, config: Any, step: int, micro: int, start: int, student: nn.Module,
             decoder: Callable, labeler: Callable, loss: Callable, temperature: float
             ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -72,9 +54,9 @@ def explore(z0: torch.Tensor, *, config: Any, step: int, micro: int, start: int,
     T = temperature
     if c.exploration == "random":
         with torch.no_grad():
-            x_new, p = pdl(z, decoder, labeler, sigma=c.sigma, seed=noise_seed(c.seed, step, micro, 0),
-                           offset=offset, temperature=T)
-        return x_new.detach(), soft_labels_as_logits(p, T).detach()
+            x_new, h = pdl(z, decoder, labeler, sigma=c.sigma, seed=noise_seed(c.seed, step, micro, 0),
+                           offset=offset, temperature=T, output="logits")
+        return x_new.detach(), h.detach()
     # gradient exploration
     import tgtfast
 
@@ -95,10 +77,10 @@ def explore(z0: torch.Tensor, *, config: Any, step: int, micro: int, start: int,
         for _ in range(c.explore_steps):
             z.requires_grad_(True)
             with torch.enable_grad():
-                x_new, p = pdl(z, decoder, labeler, sigma=0.0, seed=0, offset=0, temperature=T)
+                x_new, h = pdl(z, decoder, labeler, sigma=0.0, seed=0, offset=0, temperature=T, output="logits")
                 with autocast(c.bf16, z.device):
                     s = student(x_new)
-                div = loss_sum(loss, s.float(), soft_labels_as_logits(p, T))
+                div = loss_sum(loss, s.float(), h.float())
                 (g,) = torch.autograd.grad(div, z)
             with torch.no_grad():
                 if c.explore_normalize:
@@ -111,5 +93,5 @@ def explore(z0: torch.Tensor, *, config: Any, step: int, micro: int, start: int,
     finally:
         student.train(was_training)
     with torch.no_grad():
-        x_new, p = pdl(z.detach(), decoder, labeler, sigma=0.0, seed=0, offset=0, temperature=T)
-    return x_new.detach(), soft_labels_as_logits(p, T).detach()
+        x_new, h = pdl(z.detach(), decoder, labeler, sigma=0.0, seed=0, offset=0, temperature=T, output="logits")
+    return x_new.detach(), h.detach()
