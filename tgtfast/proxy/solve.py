@@ -466,11 +466,18 @@ def stationarity_residual(teacher_probs: torch.Tensor, proxy_probs: torch.Tensor
     """``max_j |p_j / q_j + p_j sum_m m eta[m, j] (1 - q_j)^(m-1) - lambda|`` per row, ``lambda = sum_j q_j (...)``.
 
     The max runs over classes with ``p_j > 0`` or ``q_j > 0``. teacher_probs ``[N, K]``, proxy_probs ``[N, K]`` or
-    ``[C, N, K]``, coeffs as in :func:`proxy_teacher`; returns ``[N]`` or ``[C, N]`` (float64)."""
+    ``[C, N, K]``, coeffs as in :func:`proxy_teacher`; returns ``[N]`` or ``[C, N]`` (float64).
+
+    A subnormal ``q_j`` is only known to within half the smallest subnormal (2.5e-324), so on a row whose teacher
+    has a subnormal entry the residual can be O(1) at the solver's (correct) answer: ``p_j = 5e-324`` gives
+    ``q_j = 5e-324`` or ``0`` where the exact value is ``0.76e-324`` or ``0.3e-324``."""
     p = _checks.probs(teacher_probs, "teacher_probs").detach().to("cpu", _F64)
     n, k = p.shape
     eta, is_b = _checks.coeffs(coeffs, k, batched)
     eta = eta.detach().to("cpu", _F64)
+    proxy_probs = _checks.as_tensor(proxy_probs, "proxy_probs")
+    if not proxy_probs.is_floating_point():
+        raise TypeError(f"proxy_probs must be a floating tensor, got {proxy_probs.dtype}")
     q = proxy_probs.detach().to("cpu", _F64)
     if q.dim() == 2:
         q = q[None]
