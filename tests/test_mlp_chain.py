@@ -1,4 +1,4 @@
-"""The fused MLP perturb -> decode -> label chain (tgtfast/_mlp.py) against the eager composition.
+"""The fused MLP perturb -> decode -> label chain (tgtfast/ops/mlp_chain.py) against the eager composition.
 
 The oracle is ``reference.perturb_decode_label_mlp``: ``latent_noise`` for the noise, the layers called one by one,
 then the tempered softmax, computed in float64 on the same (rounded) inputs; gradients to ``z`` by autograd of it.

@@ -3,7 +3,7 @@
 The GPU tests skip unless a CUDA device is visible and the extension registered a CUDA kernel for the op
 (``csrc/cuda/ptloss_cuda_launcher.cpp``). The oracle is ``tgtfast.reference.ptloss_rows`` in float64 on the
 same (rounded) inputs, with gradients by autograd, except in two places where the contract of the fused
-op (``DESIGN.md`` section 1) and autograd of the reference part ways:
+op (docs/design.md, "PTLoss") and autograd of the reference part ways:
 
 * probability teacher, student gradient: the op returns ``(q - p) + ...``, which assumes ``sum(p) == 1``;
   a float16/bfloat16 teacher row only sums to 1 up to rounding, and autograd then differs by
@@ -67,7 +67,7 @@ requires_cuda_kernel = pytest.mark.skipif(
 
 
 def closed_form_grads(s, t, coeffs, temperature, label_smoothing, teacher_is_logits):
-    """dL/ds and dL/dt of the contract (DESIGN.md section 1) in float64, xlogy convention for p0 == 0."""
+    """dL/ds and dL/dt of the contract (docs/design.md, "PTLoss") in float64, xlogy convention for p0 == 0."""
     s, t = s.double(), t.double()
     k = s.shape[-1]
     log_q = torch.log_softmax(s / temperature, -1)

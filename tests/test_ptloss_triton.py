@@ -98,7 +98,7 @@ def reference(s, t, c, temperature, delta, teacher_is_logits):
 
 
 def teacher_grad_closed_form(s, t, c, temperature, delta, teacher_is_logits):
-    """DESIGN.md section 1 teacher gradient in float64, written with log-softmax so that teacher
+    """The docs/design.md ("PTLoss") teacher gradient in float64, written with log-softmax so that teacher
     probabilities that underflow to 0 stay finite (autograd of ``xlogy(p, p)`` gives NaN there)."""
     s, t = s.double().cpu(), t.double().cpu()
     k = s.shape[-1]
