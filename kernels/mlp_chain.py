@@ -25,7 +25,8 @@ otherwise a row-softmax kernel follows. Between layers the float32 activations o
 global memory (mostly L2 for the chunk sizes used) on this per-layer path.
 
 Float32 dots use ``input_precision="tf32x3"`` on the GPU (float32 accuracy from tensor cores); bfloat16 inputs
-are read as float32. Activation codes are those of ``tgtfast.reference.ACTIVATIONS`` (their order; ``tgtfast/ops/mlp_chain.py``).
+are read as float32. Activation codes are the positions in ``tgtfast.reference.ACTIVATIONS``
+(``tgtfast/ops/mlp_chain.py``).
 """
 
 from __future__ import annotations
