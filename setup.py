@@ -39,14 +39,20 @@ def _extensions():
         ) from exc
 
     debug = _flag("DEBUG")
-    # -fno-trapping-math lets GCC turn the NaN-safe selects of csrc/cpu_math.h into vector blends; unlike
+    # -fno-trapping-math lets GCC turn the NaN-safe selects of csrc/common/cpu_math.h into vector blends; unlike
     # -ffast-math it keeps NaN and inf semantics (the bad-input tests rely on them).
     # -fopenmp: at::parallel_for is inline OpenMP in torch's headers and silently runs on one thread without it.
     cxx = ["-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     cxx += ["-O0", "-g"] if debug else ["-O3"]
     if _flag("TGTFAST_NATIVE"):
         cxx.append("-march=native")
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    # One folder per op stem (csrc/<stem>/), shared helpers in csrc/common/; csrc/cuda/ only with CUDA.
+    cuda_dir = os.path.join("csrc", "cuda") + os.sep
+    sources = sorted(
+        path for path in glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True)
+        if not path.startswith(cuda_dir)
+    )
+    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "common")]
 
     with_cuda = (
         torch.version.cuda is not None
@@ -64,7 +70,7 @@ def _extensions():
         ext = cpp_extension.CUDAExtension(
             "tgtfast._C",
             sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
+            include_dirs=include_dirs,
             define_macros=[("TGTFAST_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=["-fopenmp"],
@@ -73,7 +79,7 @@ def _extensions():
         ext = cpp_extension.CppExtension(
             "tgtfast._C",
             sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
+            include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],
         )

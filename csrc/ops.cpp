@@ -1,40 +1,54 @@
-// The extension module: op schemas (TORCH_LIBRARY) and the pybind11 module that loads them and
-// answers capability queries. Backends register implementations in their own files
-// (ptloss_cpu.cpp for CPU, cuda/ptloss_cuda_launcher.cpp for CUDA).
+// The extension module: every op schema (TORCH_LIBRARY) and the pybind11 module that loads them and
+// answers capability queries. Backends register implementations (TORCH_LIBRARY_IMPL) in their own files:
+// csrc/<stem>/<stem>_cpu.cpp for CPU, csrc/cuda/<stem>_cuda_launcher.cpp for CUDA.
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include "cpu_buffers.h"
-#include "ptloss_cpu_kernel.h"
+#include "cpu_isa.h"
 
+// Every op schema of the library, one comment per schema naming its stem: the CPU and CUDA implementations of stem
+// <stem> are csrc/<stem>/<stem>_cpu.cpp and csrc/cuda/<stem>_cuda_launcher.cpp, the math in docs/design.md.
 TORCH_LIBRARY(tgtfast, m) {
-  // Per-row PTLoss and, in the same pass, its gradients (see tgtfast/reference.py for the math).
+  // [ptloss] Per-row PTLoss and its gradients in one pass; math: docs/design.md, section "PTLoss".
   // Returns (loss [N], grad_student [N, K] or [0], grad_teacher [N, K] or [0]); the gradients are those of
   // grad_scale * loss[n] (the weight the caller's reduction gives each row).
   m.def(
       "ptloss_fwd(Tensor student, Tensor teacher, Tensor coeffs, Tensor? valid, float temperature, "
       "float label_smoothing, bool teacher_is_logits, bool need_grad_student, bool need_grad_teacher, "
       "float grad_scale=1.0) -> (Tensor, Tensor, Tensor)");
-  // TGT latent perturbation (csrc/philox.h): z + sigma * noise(seed, offset), the noise never stored. The seed's
-  // 64 bits travel as a (two's complement) int; offset >= 0 is the stream index of element 0.
+  // [noise] TGT latent perturbation z + sigma * noise(seed, offset); math: docs/design.md, section "Noise".
+  // The noise (csrc/common/philox.h) is never stored. The seed's 64 bits travel as a (two's complement) int;
+  // offset >= 0 is the stream index of element 0.
   m.def("perturb(Tensor z, float sigma, int seed, int offset) -> Tensor");
-  // Fills `out` with the noise stream of (seed, offset) (the perturbation of zeros with sigma = 1).
+  // [noise] Fills `out` with the noise stream of (seed, offset); math: docs/design.md, section "Noise".
   m.def("latent_noise_(Tensor(a!) out, int seed, int offset) -> ()");
-  // softmax(logits / temperature) over the last dimension.
+  // [softmax] softmax(logits / temperature) over the last dimension; math: docs/design.md, section "TGT step".
   m.def("temperature_softmax(Tensor logits, float temperature) -> Tensor");
-  // Fused MLP chain of tgtfast/_mlp.py: x_new = decoder(z + sigma * noise(seed, offset)) (layers
-  // [0, num_decoder_layers)), soft = softmax(labeler(x_new) / temperature). Weights are float32 [out, in];
-  // activation codes as tgtfast/_mlp.py ACTIVATIONS. Returns (x_new, soft, perturbed latent [B, d] float32 or [0]).
+  // [mlp_chain] Fused perturb -> decode -> label MLP chain; math: docs/design.md, section "TGT step".
+  // x_new = decoder(z + sigma * noise(seed, offset)) (layers [0, num_decoder_layers)), soft =
+  // softmax(labeler(x_new) / temperature). Weights are float32 [out, in]; activation codes as tgtfast/_mlp.py
+  // ACTIVATIONS. Returns (x_new, soft, perturbed latent [B, d] float32 or [0]).
   m.def(
       "mlp_chain_fwd(Tensor z, Tensor[] weights, Tensor?[] biases, int[] activations, int num_decoder_layers, "
       "float sigma, int seed, int offset, float temperature, bool need_perturbed) -> (Tensor, Tensor, Tensor)");
-  // Its gradient to the latent, recomputed from the perturbed latent: grad_x [B, d_x] and grad_soft [B, K]
-  // (float32, either may be absent) -> grad [B, d] float32. The forward's float32 outputs x_new and soft, when
-  // given, spare recomputing the layers whose results they are (see csrc/mlp_cpu.cpp).
+  // [mlp_chain] Gradient of mlp_chain_fwd to the latent; math: docs/design.md, section "TGT step".
+  // Recomputed from the perturbed latent: grad_x [B, d_x] and grad_soft [B, K] (float32, either may be absent)
+  // -> grad [B, d] float32. The forward's float32 outputs x_new and soft, when given, spare recomputing the
+  // layers whose results they are (see csrc/mlp_chain/mlp_chain_cpu.cpp).
   m.def(
       "mlp_chain_bwd(Tensor perturbed, Tensor[] weights, Tensor?[] biases, int[] activations, "
       "int num_decoder_layers, float temperature, Tensor? grad_x, Tensor? grad_soft, Tensor? x_new=None, "
       "Tensor? soft=None) -> Tensor");
+  // [proxy_solve] Proxy Teacher of every candidate and row; math: docs/design.md, section "Proxy Teacher".
+  // coeffs [C, M, K], teacher_probs [N, K] with rows summing to 1, float64: (q [C, N, K], stationarity
+  // residual [C, N]; 0 for K <= 2, where the solve is global).
+  m.def("proxy_solve(Tensor teacher_probs, Tensor coeffs, int max_iter, float tol) -> (Tensor, Tensor)");
+  // [proxy_solve] The same solve reduced to the Eq. 21 sums; math: docs/design.md, section "Proxy Teacher".
+  // (sum_n ||q_n - y_n||, sum_n q_n log q_n, worst residual), each [C]. Candidates whose coefficients are all 0
+  // use the teacher itself.
+  m.def("proxy_deviation_sums(Tensor teacher_probs, Tensor coeffs, Tensor labels, int max_iter, float tol) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 namespace {
@@ -55,7 +69,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tgtfast compiled kernels (ops are registered under torch.ops.tgtfast)";
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled into this build.");
   m.def("release_cached_buffers", &tgtfast::release_cached_buffers,
-        "Frees the cached CPU output blocks (csrc/cpu_buffers.cpp); returns the bytes released.");
+        "Frees the cached CPU output blocks (csrc/common/cpu_buffers.cpp); returns the bytes released.");
   m.def("cached_buffer_bytes", &tgtfast::cached_buffer_bytes, "Bytes held by cached CPU output blocks.");
   m.def("cpu_isa", &cpu_isa, "Instruction set the CPU kernels use on this processor: 'avx2' or 'baseline'.");
 }

@@ -8,10 +8,10 @@
 
 #include <cstdint>
 
+#include "cpu_isa.h"  // DType, cpu_has_avx2
+
 namespace tgtfast {
 namespace cpu {
-
-enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
 struct PTLossArgs {
   const void* student = nullptr;   // [rows, classes] of `dtype`
@@ -35,7 +35,6 @@ struct PTLossArgs {
 // Processes rows [begin, end). Thread-safe for disjoint row ranges.
 void ptloss_rows_avx2(const PTLossArgs& args, int64_t begin, int64_t end);
 void ptloss_rows_base(const PTLossArgs& args, int64_t begin, int64_t end);
-bool cpu_has_avx2();
 
 }  // namespace cpu
 }  // namespace tgtfast

@@ -1,4 +1,4 @@
-// Torch-facing launcher of the CUDA MLP chain (mlp_cuda.cu): argument checks, buffers, the current stream,
+// Torch-facing launcher of the CUDA MLP chain (mlp_chain_cuda.cu): argument checks, buffers, the current stream,
 // and the CUDA registration of tgtfast::mlp_chain_fwd (schema in csrc/ops.cpp). The batch is processed in
 // chunks of kChunkRows rows so that the float32 hidden activations between two layers never take more than
 // kChunkRows x (widest layer) floats, whatever B is.
@@ -12,7 +12,7 @@
 #include <tuple>
 #include <vector>
 
-#include "mlp_cuda.h"
+#include "mlp_chain_cuda.h"
 
 namespace tgtfast {
 namespace {
@@ -63,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cuda(
                 "mlp_chain_fwd (CUDA): unknown activation code ", activations[l]);
   }
   const c10::cuda::CUDAGuard device_guard(z.device());
-  const auto dtype = z.scalar_type() == at::kBFloat16 ? cuda::MlpDType::kBFloat16 : cuda::MlpDType::kFloat32;
+  const auto dtype = z.scalar_type() == at::kBFloat16 ? cuda::MlpChainDType::kBFloat16 : cuda::MlpChainDType::kFloat32;
   auto x_new = at::empty({B, weights[num_decoder_layers - 1].size(0)}, z.options());
   auto soft = at::empty({B, width}, z.options());
   auto perturbed = need_perturbed ? at::empty({B, d}, z.options().dtype(at::kFloat)) : at::empty({0}, z.options());
@@ -77,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cuda(
   for (int64_t row0 = 0; row0 < B; row0 += chunk) {
     const int64_t rows = std::min(chunk, B - row0);
     const void* in = static_cast<const char*>(z.data_ptr()) + row0 * d * z.element_size();
-    cuda::MlpDType in_dtype = dtype;
+    cuda::MlpChainDType in_dtype = dtype;
     float* bufs[2] = {buf_a.data_ptr<float>(), buf_b.data_ptr<float>()};
     int64_t in_w = d;
     for (int64_t l = 0; l < L; ++l) {
@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cuda(
       }
       check_cuda(cuda::mlp_linear(a, stream), "layer launch");
       in = a.y;
-      in_dtype = cuda::MlpDType::kFloat32;
+      in_dtype = cuda::MlpChainDType::kFloat32;
       in_w = a.outs;
     }
     void* soft_rows = static_cast<char*>(soft.data_ptr()) + row0 * K * soft.element_size();

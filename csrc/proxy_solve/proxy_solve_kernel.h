@@ -9,8 +9,8 @@
 // K = 2: the global minimiser of the 1-D problem in u = logit(q_0) (tgtfast/proxy.py:_solve_bin_block): a grid
 // over the interval that holds every minimum, golden-section search from the three best local minima of the grid,
 // then safeguarded Newton; the boundary q_0 = 0 / 1 when a class has no teacher mass.
-// Host and device code: csrc/proxy_cpu.cpp runs it per (candidate, row) pair on CPU threads,
-// csrc/cuda/proxy_cuda.cu one pair per CUDA thread.
+// Host and device code: csrc/proxy_solve/proxy_solve_cpu.cpp runs it per (candidate, row) pair on CPU threads,
+// csrc/cuda/proxy_solve_cuda.cu one pair per CUDA thread.
 #pragma once
 
 #include <cmath>

@@ -1,7 +1,7 @@
 // Kernels of the MLP perturb -> decode -> label chain on the GPU: plain CUDA on raw pointers and a stream, no
-// torch headers (the torch-facing launcher is mlp_cuda_launcher.cpp). One launch per layer: a shared-memory
+// torch headers (the torch-facing launcher is mlp_chain_cuda_launcher.cpp). One launch per layer: a shared-memory
 // tiled GEMM y = x W^T whose epilogue adds the bias and applies the activation; the first layer draws the
-// latent noise (csrc/philox.h) while it loads its input tile, the decoder's last layer also writes x_new in
+// latent noise (csrc/common/philox.h) while it loads its input tile, the decoder's last layer also writes x_new in
 // the output dtype, and a row-softmax kernel turns the labeler's logits into the tempered soft labels.
 #pragma once
 
@@ -12,7 +12,7 @@
 namespace tgtfast {
 namespace cuda {
 
-enum class MlpDType : int { kFloat32 = 0, kBFloat16 = 1 };
+enum class MlpChainDType : int { kFloat32 = 0, kBFloat16 = 1 };
 
 // Activation codes: identity 0, relu 1, gelu (erf) 2, gelu_tanh 3, silu 4, tanh 5, sigmoid 6
 // (tgtfast/_mlp.py ACTIVATIONS).
@@ -20,12 +20,12 @@ constexpr int kMlpNumActs = 7;
 
 struct MlpLayerArgs {
   const void* x = nullptr;     // [rows, in] contiguous, of x_dtype
-  MlpDType x_dtype = MlpDType::kFloat32;
+  MlpChainDType x_dtype = MlpChainDType::kFloat32;
   const float* w = nullptr;    // [out, in] contiguous
   const float* bias = nullptr; // [out] or null
   float* y = nullptr;          // [rows, out] float32
   void* out = nullptr;         // [rows, out] of out_dtype, or null: a second copy of y (x_new)
-  MlpDType out_dtype = MlpDType::kFloat32;
+  MlpChainDType out_dtype = MlpChainDType::kFloat32;
   int64_t rows = 0, in = 0, outs = 0;
   int act = 0;
   // Noise on the input: x[r, k] + sigma * normal(seed, noise_base + r * in + k); perturbed (float32 [rows, in])
@@ -41,7 +41,7 @@ struct MlpLayerArgs {
 cudaError_t mlp_linear(const MlpLayerArgs& args, cudaStream_t stream);
 
 // out[r] = softmax(x[r] * inv_temperature) for x float32 [rows, cols]; out of out_dtype.
-cudaError_t mlp_softmax(const float* x, void* out, MlpDType out_dtype, int64_t rows, int64_t cols,
+cudaError_t mlp_softmax(const float* x, void* out, MlpChainDType out_dtype, int64_t rows, int64_t cols,
                         float inv_temperature, cudaStream_t stream);
 
 }  // namespace cuda

@@ -1,7 +1,7 @@
 // Row-block pieces of the fused MLP perturb -> decode -> label chain on the CPU: plain C++ on raw float
 // pointers, no torch headers. Everything that touches a row block -- noise and perturbation, the GEMM of a layer
-// (AVX2 build; the launcher, mlp_cpu.cpp, falls back to at::mm_out elsewhere), bias + activation, the tempered
-// softmax -- is here, compiled once per instruction set (mlp_cpu_avx2.cpp, mlp_cpu_base.cpp) like the PTLoss
+// (AVX2 build; the launcher, mlp_chain_cpu.cpp, falls back to at::mm_out elsewhere), bias + activation, the tempered
+// softmax -- is here, compiled once per instruction set (mlp_chain_cpu_avx2.cpp, mlp_chain_cpu_base.cpp) like the PTLoss
 // kernel.
 #pragma once
 
@@ -22,10 +22,10 @@ enum class Act : int64_t {
 };
 constexpr int64_t kNumActs = 7;
 
-// Elements per call of MlpIsa::perturb_chunk.
+// Elements per call of MlpChainIsa::perturb_chunk.
 constexpr int64_t kNoiseChunk = 256;
 
-struct MlpIsa {
+struct MlpChainIsa {
   // y[r, c] = act(y[r, c] + bias[c]) for r < rows, c < cols; row stride ld; bias may be null.
   void (*bias_act)(float* y, int64_t rows, int64_t cols, int64_t ld, const float* bias, Act act);
   // In place, per row: y <- softmax(y * inv_temperature).
@@ -36,7 +36,7 @@ struct MlpIsa {
   // inv_temperature; all [rows, cols] with row stride cols; `out` may be `soft`, not `g`.
   void (*softmax_grad)(float* out, const float* soft, const float* g, int64_t rows, int64_t cols,
                        float inv_temperature);
-  // out[i] = z[i] + sigma * normal(seed, first + i) for i < n <= kNoiseChunk (the Philox normals of csrc/philox.h)
+  // out[i] = z[i] + sigma * normal(seed, first + i) for i < n <= kNoiseChunk (the Philox normals of csrc/common/philox.h)
   void (*perturb_chunk)(float* out, const float* z, int64_t n, uint64_t seed, uint64_t first, float sigma);
   // c[r, j] = sum_i a[r, i] * w[j, i] for r < rows, j < n, i < k: a row block [rows, k] (row stride lda) times the
   // transpose of a Linear weight w [n, k] that pack_b copied into b_packed; c has row stride ldc and may not
@@ -61,13 +61,13 @@ inline int64_t packed_b_size(int64_t n, int64_t k) { return (n + kGemmPanel - 1)
 void pack_b(const float* w, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, float* dst, int64_t p_begin,
             int64_t p_end);
 
-MlpIsa mlp_isa_avx2();
-MlpIsa mlp_isa_base();
+MlpChainIsa mlp_chain_isa_avx2();
+MlpChainIsa mlp_chain_isa_base();
 
 // out[r, c] = z[r, c] + sigma * normal(seed, offset + (row0 + r) * cols + c) for a block of `rows` rows of the
-// [*, cols] latent (csrc/philox.h). `z` is float32 (z_bf16 == nullptr) or bfloat16 bits (z == nullptr).
+// [*, cols] latent (csrc/common/philox.h). `z` is float32 (z_bf16 == nullptr) or bfloat16 bits (z == nullptr).
 // In chunks of kNoiseChunk elements through isa.perturb_chunk.
-void perturb_block(const MlpIsa& isa, float* out, const float* z, const uint16_t* z_bf16, int64_t row0, int64_t rows,
+void perturb_block(const MlpChainIsa& isa, float* out, const float* z, const uint16_t* z_bf16, int64_t row0, int64_t rows,
                    int64_t cols, float sigma, uint64_t seed, uint64_t offset);
 
 }  // namespace cpu

@@ -1,4 +1,4 @@
-// See mlp_cuda.h. Tiles: 64 x 64 outputs per block of 256 threads (4 x 4 per thread), K in steps of 16 through
+// See mlp_chain_cuda.h. Tiles: 64 x 64 outputs per block of 256 threads (4 x 4 per thread), K in steps of 16 through
 // shared memory; plain float32 FMA.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -6,7 +6,7 @@
 #include <cfloat>
 #include <cstdint>
 
-#include "mlp_cuda.h"
+#include "mlp_chain_cuda.h"
 #include "philox.h"
 
 namespace tgtfast {
@@ -19,13 +19,13 @@ constexpr int kTileK = 16;
 constexpr int kThreads = 256;
 constexpr int kSoftmaxThreads = 256;
 
-__device__ __forceinline__ float load_as_float(const void* p, MlpDType t, int64_t i) {
-  return t == MlpDType::kBFloat16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i])
+__device__ __forceinline__ float load_as_float(const void* p, MlpChainDType t, int64_t i) {
+  return t == MlpChainDType::kBFloat16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i])
                                   : static_cast<const float*>(p)[i];
 }
 
-__device__ __forceinline__ void store_from_float(void* p, MlpDType t, int64_t i, float v) {
-  if (t == MlpDType::kBFloat16) {
+__device__ __forceinline__ void store_from_float(void* p, MlpChainDType t, int64_t i, float v) {
+  if (t == MlpChainDType::kBFloat16) {
     static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
   } else {
     static_cast<float*>(p)[i] = v;
@@ -120,7 +120,7 @@ __device__ float block_reduce(float v, bool is_max) {
 }
 
 __global__ void __launch_bounds__(kSoftmaxThreads)
-    softmax_kernel(const float* x, void* out, MlpDType out_dtype, int64_t cols, float inv_t) {
+    softmax_kernel(const float* x, void* out, MlpChainDType out_dtype, int64_t cols, float inv_t) {
   const float* row = x + static_cast<int64_t>(blockIdx.x) * cols;
   const int64_t base = static_cast<int64_t>(blockIdx.x) * cols;
   float mx = -FLT_MAX;
@@ -156,7 +156,7 @@ cudaError_t mlp_linear(const MlpLayerArgs& args, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-cudaError_t mlp_softmax(const float* x, void* out, MlpDType out_dtype, int64_t rows, int64_t cols,
+cudaError_t mlp_softmax(const float* x, void* out, MlpChainDType out_dtype, int64_t rows, int64_t cols,
                         float inv_temperature, cudaStream_t stream) {
   if (x == nullptr || out == nullptr || rows < 0 || cols <= 0 || rows > 2147483647LL) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;

@@ -1,6 +1,5 @@
-// The CPU PTLoss kernel built for the compiler's baseline instruction set (any processor).
-#define TGTFAST_ISA_NAME ptloss_rows_base
-#include "ptloss_cpu_kernel.inc"
+// cpu_has_avx2 (cpu_isa.h), compiled for the baseline instruction set.
+#include "cpu_isa.h"
 
 namespace tgtfast {
 namespace cpu {

@@ -1,6 +1,6 @@
 // The batched Proxy Teacher solve on the GPU: one (candidate, row) pair per CUDA thread, running the same
-// per-row solver as the CPU (csrc/proxy_kernel.h). Plain CUDA on raw pointers and a stream, no torch headers;
-// the torch-facing launcher is proxy_cuda_launcher.cpp.
+// per-row solver as the CPU (csrc/proxy_solve/proxy_solve_kernel.h). Plain CUDA on raw pointers and a stream, no torch headers;
+// the torch-facing launcher is proxy_solve_cuda_launcher.cpp.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -10,7 +10,7 @@
 namespace tgtfast {
 namespace cuda {
 
-struct ProxyArgs {
+struct ProxySolveArgs {
   const double* teacher = nullptr;  // [rows, classes], rows sum to 1
   const double* coeffs = nullptr;   // [candidates, orders, classes]
   const int64_t* labels = nullptr;  // [rows] or null; with labels, per-pair deviation terms are written
@@ -30,7 +30,7 @@ struct ProxyArgs {
 int64_t proxy_solve_threads(int64_t pairs, int64_t classes, int64_t orders);
 
 // Enqueues the solve on `stream`. Returns cudaErrorInvalidValue for bad arguments, else the launch status.
-cudaError_t proxy_solve(const ProxyArgs& args, cudaStream_t stream);
+cudaError_t proxy_solve(const ProxySolveArgs& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace tgtfast

@@ -1,6 +1,6 @@
 // The batched Proxy Teacher solve on the CPU: every (candidate, row) pair of the grid in one parallel loop over
-// csrc/proxy_kernel.h, optionally reduced straight to the two sums of the Eq. 21 deviation per candidate so that
-// the [C, N, K] grid of proxy teachers is never stored.
+// csrc/proxy_solve/proxy_solve_kernel.h, optionally reduced straight to the two sums of the Eq. 21 deviation per candidate so that
+// the [C, N, K] grid of proxy teachers is never stored. Schemas in csrc/ops.cpp.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/extension.h>
@@ -8,7 +8,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "proxy_kernel.h"
+#include "proxy_solve_kernel.h"
 
 namespace {
 
@@ -106,16 +106,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proxy_deviation_sums_cpu(const at
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(tgtfast, m) {
-  // The Proxy Teacher for every candidate (coeffs [C, M, K]) and row (teacher_probs [N, K], rows summing to 1),
-  // float64: (q [C, N, K], stationarity residual [C, N]; 0 for K <= 2, where the solve is global).
-  m.def("proxy_solve(Tensor teacher_probs, Tensor coeffs, int max_iter, float tol) -> (Tensor, Tensor)");
-  // The same solve reduced to the Eq. 21 sums per candidate: (sum_n ||q_n - y_n||, sum_n q_n log q_n, worst
-  // residual), each [C]. Candidates whose coefficients are all 0 use the teacher itself.
-  m.def("proxy_deviation_sums(Tensor teacher_probs, Tensor coeffs, Tensor labels, int max_iter, float tol) "
-        "-> (Tensor, Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(tgtfast, CPU, m) {
   m.impl("proxy_solve", &proxy_solve_cpu);

@@ -1,6 +1,6 @@
 // The CPU MLP row-block kernels built for the compiler's baseline instruction set, and the latent noise.
-#define TGTFAST_MLP_ISA mlp_isa_base
-#include "mlp_cpu_kernel.inc"
+#define TGTFAST_MLP_CHAIN_ISA mlp_chain_isa_base
+#include "mlp_chain_cpu_kernel.inc"
 
 namespace tgtfast {
 namespace cpu {
@@ -19,7 +19,7 @@ void pack_b(const float* w, int64_t n, int64_t k, int64_t stride_n, int64_t stri
   }
 }
 
-void perturb_block(const MlpIsa& isa, float* out, const float* z, const uint16_t* z_bf16, int64_t row0, int64_t rows,
+void perturb_block(const MlpChainIsa& isa, float* out, const float* z, const uint16_t* z_bf16, int64_t row0, int64_t rows,
                    int64_t cols, float sigma, uint64_t seed, uint64_t offset) {
   float zf[kNoiseChunk];
   const int64_t n = rows * cols;

@@ -1,7 +1,7 @@
 // Torch-facing launcher of the fused MLP perturb -> decode -> label chain on the CPU (tgtfast::mlp_chain_fwd).
 //
 // The batch is cut into blocks of kBlockRows rows, processed in parallel. For one block: the perturbed latent
-// z + sigma * noise (noise drawn in place, csrc/philox.h), then every layer as a [rows, in] x [in, out] GEMM on
+// z + sigma * noise (noise drawn in place, csrc/common/philox.h), then every layer as a [rows, in] x [in, out] GEMM on
 // the block followed by bias + activation while the block is still in cache, the decoder's output written
 // to x_new, and the labeler's logits turned into the tempered softmax in place. The block's hidden
 // activations live in two per-thread buffers of kBlockRows x (widest layer) floats that are reused for every
@@ -22,8 +22,8 @@
 #include <vector>
 
 #include "cpu_buffers.h"
-#include "mlp_cpu_kernel.h"
-#include "ptloss_cpu_kernel.h"  // cpu_has_avx2
+#include "mlp_chain_cpu_kernel.h"
+#include "cpu_isa.h"  // cpu_has_avx2
 
 namespace tgtfast {
 namespace {
@@ -39,7 +39,7 @@ int64_t block_rows() {
   return rows;
 }
 
-// The layers' weights copied once per call into the panels of isa.gemm (csrc/mlp_cpu_kernel.h), as B = W^T
+// The layers' weights copied once per call into the panels of isa.gemm (csrc/mlp_chain/mlp_chain_cpu_kernel.h), as B = W^T
 // (forward: [rows, in] x W^T) or, with `transposed`, as B = W (backward: [rows, out] x W). Panels are copied in
 // parallel; layers with `used[l]` false (when given) are left out. Empty (storage undefined) where the
 // instruction set has no GEMM kernel: the launchers then use at::mm_out.
@@ -48,7 +48,7 @@ struct PackedWeights {
   std::vector<const float*> ptr;
 };
 
-PackedWeights pack_weights(const cpu::MlpIsa& isa, at::TensorList weights, int64_t layers, bool transposed,
+PackedWeights pack_weights(const cpu::MlpChainIsa& isa, at::TensorList weights, int64_t layers, bool transposed,
                            const std::vector<bool>& used = {}) {
   PackedWeights out;
   if (isa.gemm == nullptr) return out;
@@ -130,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cpu(
   auto perturbed = need_perturbed ? at::empty({B, d}, z.options().dtype(at::kFloat)) : at::empty({0}, z.options());
   if (B == 0) return {x_new, soft, perturbed};
 
-  const cpu::MlpIsa isa = cpu::cpu_has_avx2() ? cpu::mlp_isa_avx2() : cpu::mlp_isa_base();
+  const cpu::MlpChainIsa isa = cpu::cpu_has_avx2() ? cpu::mlp_chain_isa_avx2() : cpu::mlp_chain_isa_base();
   const PackedWeights packed = pack_weights(isa, weights, L, /*transposed=*/false);
   const float inv_t = static_cast<float>(1.0 / temperature);
   const uint64_t useed = static_cast<uint64_t>(seed);
@@ -178,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cpu(
   return {x_new, soft, perturbed};
 }
 
-// Whether act'(pre) can be computed from post = act(pre) alone (cpu::MlpIsa::act_grad reads pre only for these
+// Whether act'(pre) can be computed from post = act(pre) alone (cpu::MlpChainIsa::act_grad reads pre only for these
 // as the sign of pre, which post keeps).
 bool grad_from_output(cpu::Act act) {
   return act == cpu::Act::kIdentity || act == cpu::Act::kRelu || act == cpu::Act::kSigmoid || act == cpu::Act::kTanh;
@@ -243,7 +243,7 @@ at::Tensor mlp_chain_bwd_cpu(const at::Tensor& perturbed, at::TensorList weights
   if (B == 0 || (!has_gx && !has_gs)) return grad_z;
 
   const int64_t layers = has_gs ? L : num_decoder_layers;  // layers that take part in the gradient
-  const cpu::MlpIsa isa = cpu::cpu_has_avx2() ? cpu::mlp_isa_avx2() : cpu::mlp_isa_base();
+  const cpu::MlpChainIsa isa = cpu::cpu_has_avx2() ? cpu::mlp_chain_isa_avx2() : cpu::mlp_chain_isa_base();
   const float inv_t = static_cast<float>(1.0 / temperature);
   const int64_t kBlockRows = block_rows();
   const int64_t blocks = (B + kBlockRows - 1) / kBlockRows;

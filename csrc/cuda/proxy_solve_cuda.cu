@@ -1,6 +1,6 @@
 // One (candidate, row) pair per thread, grid-stride, each thread with its own slice of the scratch buffers.
-#include "proxy_cuda.h"
-#include "proxy_kernel.h"
+#include "proxy_solve_cuda.h"
+#include "proxy_solve/proxy_solve_kernel.h"
 
 namespace tgtfast {
 namespace cuda {
@@ -9,7 +9,7 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int64_t kScratchBudget = int64_t{256} << 20;  // bytes of scratch a launch may use
 
-__global__ void proxy_solve_kernel(ProxyArgs a, int64_t threads) {
+__global__ void proxy_solve_kernel(ProxySolveArgs a, int64_t threads) {
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (tid >= threads) return;
   const int k = static_cast<int>(a.classes), m = static_cast<int>(a.orders);
@@ -55,7 +55,7 @@ int64_t proxy_solve_threads(int64_t pairs, int64_t classes, int64_t orders) {
   return pairs < cap ? pairs : cap;
 }
 
-cudaError_t proxy_solve(const ProxyArgs& a, cudaStream_t stream) {
+cudaError_t proxy_solve(const ProxySolveArgs& a, cudaStream_t stream) {
   if (a.rows < 0 || a.classes < 1 || a.candidates < 0 || a.orders < 0 || a.teacher == nullptr ||
       a.residual == nullptr || (a.proxy == nullptr && a.pair_terms == nullptr) ||
       (a.pair_terms != nullptr && a.labels == nullptr) || a.scratch_doubles == nullptr ||

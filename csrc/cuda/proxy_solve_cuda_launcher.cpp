@@ -1,6 +1,6 @@
-// Torch-facing launcher of the CUDA Proxy Teacher solve (proxy_cuda.cu): checks, outputs, scratch, the current
+// Torch-facing launcher of the CUDA Proxy Teacher solve (proxy_solve_cuda.cu): checks, outputs, scratch, the current
 // stream, and the CUDA registrations of tgtfast::proxy_solve / tgtfast::proxy_deviation_sums (schemas in
-// csrc/proxy_cpu.cpp). Compiled only when torch has CUDA.
+// csrc/proxy_solve/proxy_solve_cpu.cpp). Compiled only when torch has CUDA.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -8,7 +8,7 @@
 
 #include <tuple>
 
-#include "proxy_cuda.h"
+#include "proxy_solve_cuda.h"
 
 namespace tgtfast {
 namespace {
@@ -22,9 +22,9 @@ void check(const at::Tensor& p, const at::Tensor& eta) {
               eta.sizes());
 }
 
-cuda::ProxyArgs make_args(const at::Tensor& p, const at::Tensor& eta, int64_t max_iter, double tol,
+cuda::ProxySolveArgs make_args(const at::Tensor& p, const at::Tensor& eta, int64_t max_iter, double tol,
                           at::Tensor& residual, at::Tensor& scratch_d, at::Tensor& scratch_i) {
-  cuda::ProxyArgs a;
+  cuda::ProxySolveArgs a;
   a.teacher = p.data_ptr<double>();
   a.coeffs = eta.data_ptr<double>();
   a.rows = p.size(0);
@@ -43,7 +43,7 @@ cuda::ProxyArgs make_args(const at::Tensor& p, const at::Tensor& eta, int64_t ma
   return a;
 }
 
-void launch(const cuda::ProxyArgs& a) {
+void launch(const cuda::ProxySolveArgs& a) {
   const cudaError_t err = cuda::proxy_solve(a, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "proxy_solve (CUDA): ", cudaGetErrorString(err));
 }
@@ -54,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor> proxy_solve_cuda(const at::Tensor& p_in, cons
   const c10::cuda::CUDAGuard guard(p_in.device());
   const at::Tensor p = p_in.contiguous(), eta = eta_in.contiguous();
   at::Tensor residual, sd, si;
-  cuda::ProxyArgs a = make_args(p, eta, max_iter, tol, residual, sd, si);
+  cuda::ProxySolveArgs a = make_args(p, eta, max_iter, tol, residual, sd, si);
   at::Tensor q = at::empty({a.candidates, a.rows, a.classes}, p.options());
   a.proxy = q.data_ptr<double>();
   launch(a);
@@ -72,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proxy_deviation_sums_cuda(const a
   const c10::cuda::CUDAGuard guard(p_in.device());
   const at::Tensor p = p_in.contiguous(), eta = eta_in.contiguous(), labels = labels_in.contiguous();
   at::Tensor residual, sd, si;
-  cuda::ProxyArgs a = make_args(p, eta, max_iter, tol, residual, sd, si);
+  cuda::ProxySolveArgs a = make_args(p, eta, max_iter, tol, residual, sd, si);
   at::Tensor terms = at::empty({a.candidates, a.rows, 2}, p.options());
   a.labels = labels.data_ptr<int64_t>();
   a.pair_terms = terms.data_ptr<double>();
