@@ -6,6 +6,7 @@
 
 #include "cpu_buffers.h"
 #include "cpu_isa.h"
+#include "cpu_math_eval.h"
 
 // Every op schema of the library, one comment per schema naming its stem: the CPU and CUDA implementations of stem
 // <stem> are csrc/<stem>/<stem>_cpu.cpp and csrc/cuda/<stem>_cuda_launcher.cpp, the math in docs/design.md.
@@ -63,6 +64,20 @@ bool built_with_cuda() {
 
 std::string cpu_isa() { return tgtfast::cpu::cpu_has_avx2() ? "avx2" : "baseline"; }
 
+// Test-only: helper `name` of csrc/common/cpu_math.h applied to every element of the float32 tensor x, in the
+// AVX2+FMA build ("avx2", refused where the processor lacks it) or the baseline build ("baseline").
+at::Tensor math_eval(const std::string& name, const at::Tensor& x, const std::string& isa) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "_math_eval: x must be a float32 CPU tensor");
+  TORCH_CHECK(isa == "avx2" || isa == "baseline", "_math_eval: isa must be 'avx2' or 'baseline', got ", isa);
+  TORCH_CHECK(isa != "avx2" || tgtfast::cpu::cpu_has_avx2(), "_math_eval: this processor has no AVX2+FMA");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const auto fn = isa == "avx2" ? &tgtfast::cpu::math_eval_avx2 : &tgtfast::cpu::math_eval_base;
+  TORCH_CHECK(fn(name.c_str(), xc.data_ptr<float>(), y.data_ptr<float>(), xc.numel()),
+              "_math_eval: unknown helper '", name, "'");
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -72,4 +87,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Frees the cached CPU output blocks (csrc/common/cpu_buffers.cpp); returns the bytes released.");
   m.def("cached_buffer_bytes", &tgtfast::cached_buffer_bytes, "Bytes held by cached CPU output blocks.");
   m.def("cpu_isa", &cpu_isa, "Instruction set the CPU kernels use on this processor: 'avx2' or 'baseline'.");
+  m.def("_math_eval", &math_eval, pybind11::arg("name"), pybind11::arg("x"), pybind11::arg("isa") = "baseline",
+        "Test only: a csrc/common/cpu_math.h helper (exp, exp_nonpos, log, tanh, sigmoid, sin, cos) applied to "
+        "every element of a float32 CPU tensor, in the 'avx2' or 'baseline' build.");
 }

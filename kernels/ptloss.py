@@ -137,6 +137,20 @@ def _finish_stats(m, s):
 
 
 @triton.jit
+def _log(x, ACC: tl.constexpr):
+    """``log x`` that stays right for float32 subnormal ``x`` (a teacher probability or ``delta / K`` below
+    2^-126): on the GPU ``tl.log`` goes through libdevice built with flush-to-zero, where ``log(subnormal)`` is
+    ``-inf`` and ``p log p`` would become ``-inf``. A subnormal is ``m 2^-149`` with its integer bits ``m``, so its
+    log is ``log(float(m)) - 149 log 2`` (conversions are never flushed)."""
+    if ACC == tl.float32:
+        bits = x.to(tl.int32, bitcast=True)
+        sub = (bits > 0) & (bits < 0x00800000)
+        return tl.where(sub, tl.log(bits.to(tl.float32)) - 103.27892990343184, tl.log(x))
+    else:
+        return tl.log(x)
+
+
+@triton.jit
 def _tile_terms(u, v, eta_ptr, cols, cmask, K,
                 mu_s, sum_s, inv_s, log_s, mu_t, inv_t, log_t,
                 keep, smooth_add,
@@ -158,10 +172,10 @@ def _tile_terms(u, v, eta_ptr, cols, cmask, K,
     else:
         p0 = v
         if not SMOOTH:
-            log_p0 = tl.log(p0)
+            log_p0 = _log(p0, ACC)
     if SMOOTH:
         p = p0 * keep + smooth_add
-        log_p = tl.log(p)
+        log_p = _log(p, ACC)
     else:
         p = p0
         log_p = log_p0

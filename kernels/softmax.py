@@ -36,7 +36,9 @@ def _softmax_kernel(x_ptr, y_ptr, K, inv_t, ACC: tl.constexpr, BLOCK: tl.constex
             mask = k0 + cols < K
             u = tl.load(x_ptr + base + k0 + cols, mask=mask, other=-float("inf")).to(ACC) * inv_t
             m_new = tl.maximum(m, tl.max(u, 0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.where(mask, tl.exp(u - m_new), 0.0), 0)
+            # While every logit so far is -inf, exp(m - m_new) would be exp(-inf + inf) = NaN: shift by 0 instead.
+            m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_ref) + tl.sum(tl.where(mask, tl.exp(u - m_ref), 0.0), 0)
             m = m_new
         inv_s = 1.0 / s
         for k0 in range(0, K, BLOCK):

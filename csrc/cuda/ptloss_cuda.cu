@@ -16,7 +16,8 @@
 // Numerics. log q_j = (s_j - max s) / T - log S is formed from the raw logits (s_j - max s is exact for
 // nearby values), never as exp then log, so logits of +-1e4 give finite results; q_j = exp2((s_j - max s)
 // log2(e) / T - log2 S). 1 - q_j is -expm1(log q_j) where q_j >= 1/2 (no cancellation). Terms with p_j == 0
-// contribute 0 (xlogy), including the teacher gradient of a logit whose probability underflows. NaN in a
+// contribute 0 (xlogy), including the teacher gradient of a logit whose probability underflows; a subnormal p_j
+// contributes p_j log p_j with log p_j taken exactly (log_prob), never -inf. NaN in a
 // row reaches the row's sum of exponentials (fmaxf skips NaN but exp2(NaN) does not) and so the loss.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -298,6 +299,15 @@ struct KernelArgs {
   bool vec;      // all row pointers share their address modulo 16: 16-byte chunks after a common head
 };
 
+// log x for a probability x >= 0 that stays right when x is a float32 subnormal (a teacher probability or
+// delta / K below 2^-126) even in a build that flushes denormals (-ftz=true, --use_fast_math: logf(subnormal) is
+// -inf there, and p log p would become -inf): a subnormal is m 2^-149 with its integer bits m, so its log is
+// log(float(m)) - 149 log 2 (the integer conversion is never flushed).
+__device__ __forceinline__ float log_prob(float x) {
+  const int bits = __float_as_int(x);
+  return bits > 0 && bits < 0x00800000 ? logf(static_cast<float>(bits)) - 103.27892990343184f : logf(x);
+}
+
 // Per-row constants of sweeps 2 and 3.
 struct RowStats {
   float ms, ln_ss, log2_ss;  // student max, log S, log2 S
@@ -326,13 +336,13 @@ __device__ __forceinline__ ElemVals element(float s, float t, int j, const Kerne
   }
   if (a.smooth) {
     e.p = fmaf(a.keep, e.p0, a.spread);
-    e.lp = need_lp ? logf(e.p) : 0.f;
+    e.lp = need_lp ? log_prob(e.p) : 0.f;
   } else {
     e.p = e.p0;
     if constexpr (kLogits) {
       e.lp = lp0;
     } else {
-      e.lp = need_lp ? logf(e.p0) : 0.f;
+      e.lp = need_lp ? log_prob(e.p0) : 0.f;
     }
   }
   if constexpr (CM == CoefMode::kNone) {
