@@ -287,6 +287,7 @@ def test_bad_tensors(change, exc, match):
 
 BAD_ARGS = [
     (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(temperature=1e-45), ValueError, "temperature"),  # 1 / T overflows float32
     (dict(reduction="avg"), ValueError, "reduction must be one of"),
     (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
     (dict(chunk_size=2.5), ValueError, "chunk_size must be a positive int"),

@@ -142,3 +142,51 @@ def test_float32_random_incoming_gradient(backend):
     for what, a, c in zip(("grad hidden", "grad weight", "grad bias"), (h.grad, w.grad, b.grad), truth[1:]):
         assert a.dtype == torch.float32
         assert_close64(a, c, torch.float32, what)
+
+
+# ------------------------------------------------------------------------------------------------
+# properties: random shapes, chunkings, reductions and ignore masks against the float64 oracle
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@settings(max_examples=40, derandomize=True, deadline=None)
+@given(
+    n=st.integers(1, 12), h=st.integers(1, 6), ht=st.integers(1, 5), v=st.integers(1, 15),
+    chunk=st.integers(1, 14), reduction=st.sampled_from(["none", "sum", "mean", "batchmean"]),
+    ignore_index=st.sampled_from([-100, -1, 0, 7]), ignore_frac=st.sampled_from([0.0, 0.3, 0.8, 1.0]),
+    kd_weight=st.sampled_from([0.0, 0.7, 1.0, 2.5]), ce_weight=st.sampled_from([0.0, 0.3, 1.0]),
+    temperature=st.sampled_from([0.3, 1.0, 4.0]), m=st.integers(0, 3), per_class=st.booleans(),
+    bias=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_property_matches_oracle(backend, n, h, ht, v, chunk, reduction, ignore_index, ignore_frac, kd_weight,
+                                 ce_weight, temperature, m, per_class, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(n, h, generator=g, dtype=torch.float64)
+    ws = torch.randn(v, h, generator=g, dtype=torch.float64)
+    bs = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
+    hts = torch.randn(n, ht, generator=g, dtype=torch.float64)
+    wt = torch.randn(v, ht, generator=g, dtype=torch.float64)
+    bt = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
+    eta = (torch.rand((m, v) if per_class else (m,), generator=g, dtype=torch.float64) * 3 - 1) if m else None
+    ignored = torch.rand(n, generator=g) < ignore_frac
+    label = torch.randint(0, v, (n,), generator=g)
+    label = torch.where(label == ignore_index, (label + 1) % v, label) if v > 1 else label
+    if v == 1 and ignore_index == 0:
+        ignored[:] = True  # the only class is the ignored label
+    target = torch.where(ignored, torch.full((n,), ignore_index), label)
+    kw = dict(teacher_bias=bt, target=target, ignore_index=ignore_index, reduction=reduction, kd_weight=kd_weight,
+              ce_weight=ce_weight, temperature=temperature)
+    g_out = torch.randn(n, generator=g, dtype=torch.float64) if reduction == "none" else torch.tensor(1.7,
+                                                                                                     dtype=torch.float64)
+    leaves = [x.detach().clone().requires_grad_(True) for x in (hs, ws) + ((bs,) if bias else ())]
+    out = tgtfast.fused_linear_ptloss(leaves[0], leaves[1], hts, wt, eta, student_bias=leaves[2] if bias else None,
+                                      chunk_size=chunk, backend=backend, **kw)
+    out.backward(g_out)
+    truth = fused_linear_oracle(hs, ws, hts, wt, eta, student_bias=bs, grad_output=g_out, **kw)
+    assert_close64(out, truth[0], torch.float64, "loss")
+    for what, a, b in zip(("grad hidden", "grad weight", "grad bias"), [x.grad for x in leaves], truth[1:]):
+        assert_close64(a, b, torch.float64, what)
+    assert bool((leaves[0].grad[ignored] == 0).all())

@@ -494,3 +494,95 @@ def test_masked_vocabulary_entries():
     assert_close64(loss, sub[0], torch.float32, "loss")
     assert_close64(gs[:, keep], sub[1], torch.float32, "grad student")
     assert torch.all(gs[:, ~keep] == 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# adversarial regressions
+
+
+@pytest.mark.parametrize("bad", [float("-inf"), float("nan"), float("inf")])
+@pytest.mark.parametrize("whole_row", [True, False])
+@pytest.mark.parametrize("teacher_is_logits", [True, False])
+def test_focal_ignored_row_with_non_finite_logits(bad, whole_row, teacher_is_logits):
+    """An ignored row of FocalKDLoss may hold -inf/NaN logits: finite loss, and a zero, finite gradient for that
+    row, so that the weight gradient of the nn.Linear producing the logits stays finite."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 6).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    t = torch.randn(5, 6, dtype=torch.float64)
+    if not teacher_is_logits:
+        t = t.softmax(-1)
+    target = torch.tensor([1, 3, 7, 0, 2])  # ignore_index 7: row 2
+    poison = torch.zeros(5, 6, dtype=torch.float64)
+    poison[2, :] = 0.0
+    if whole_row:
+        poison[2, :] = bad
+    else:
+        poison[2, [1, 4]] = bad
+    logits = lin(x) + poison  # the identity's gradient: lin gets exactly what the loss gives the logits
+    logits.retain_grad()
+    mod = tgtfast.FocalKDLoss(gamma=2.0, temperature=1.5, teacher_is_logits=teacher_is_logits, ignore_index=7)
+    loss = mod(logits, t, target)
+    assert torch.isfinite(loss), loss
+    loss.backward()
+    assert torch.isfinite(logits.grad).all(), logits.grad
+    assert bool((logits.grad[2] == 0).all())
+    assert torch.isfinite(lin.weight.grad).all() and torch.isfinite(lin.bias.grad).all()
+    clean = lin(x).detach()
+    truth = focal_oracle(clean, t, gamma=2.0, temperature=1.5, teacher_is_logits=teacher_is_logits,
+                         ignore_index=7, target=target, grad_output=1.0)
+    assert_close64(loss, truth[0], torch.float32, "focal loss")  # focal runs in float32
+    assert_close64(logits.grad, truth[1], torch.float32, "focal grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_teacher_probabilities_are_refused(backend, bad):
+    t = torch.softmax(torch.randn(3, 5), -1)
+    t[1, 2] = bad
+    with pytest.raises(ValueError, match="teacher"):
+        tgtfast.ptloss(torch.randn(3, 5), t, teacher_is_logits=False, backend=backend)
+    with pytest.raises(ValueError, match="teacher"):
+        tgtfast.kd_loss(torch.randn(3, 5), t, teacher_is_logits=False, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_temperature_whose_inverse_overflows_float32_is_refused(backend):
+    s, t = make_inputs((4, 6), torch.float32)
+    with pytest.raises(ValueError, match="temperature"):
+        tgtfast.ptloss(s, t, temperature=1e-45, backend=backend)
+    with pytest.raises(ValueError, match="temperature"):
+        tgtfast.kd_loss(s, t, temperature=1e-45, backend=backend)
+    with pytest.raises(ValueError, match="temperature"):
+        tgtfast.PTLoss([1.0], temperature=1e-45, backend=backend)(s, t)
+    with pytest.raises(ValueError, match="temperature"):
+        tgtfast.focal_kd_loss(s, t, temperature=1e-45)
+    with pytest.raises(ValueError, match="temperature"):
+        tgtfast.FocalKDLoss(temperature=1e-45)(s, t)
+
+
+_TINY_T_BUG = pytest.mark.xfail(strict=True, reason="temperature in [2.94e-39, ~1e-37] is accepted but gives -inf "
+                                "(cpp) or NaN (reference) per-row KL: (t - s) / T overflows float32")
+
+
+def _tiny_t_cases():
+    for backend in BACKENDS:
+        for temperature in (1e-30, 1e-36, 1e-38, 3e-39):
+            bad = (backend == "cpp" and temperature < 1e-37) or (backend == "reference" and temperature == 1e-38)
+            yield pytest.param(backend, temperature, marks=[_TINY_T_BUG] if bad else [])
+
+
+@pytest.mark.parametrize("backend,temperature", list(_tiny_t_cases()))
+def test_tiny_temperature_never_gives_negative_kl(backend, temperature):
+    """KL >= 0: a tiny temperature is either refused or gives a non-negative loss (inf allowed, not NaN)."""
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        s = torch.randn(6, 9, generator=g) * 3
+        t = torch.randn(6, 9, generator=g) * 3
+        for reduction in ("none", "batchmean"):
+            try:
+                loss = tgtfast.ptloss(s, t, temperature=temperature, reduction=reduction, backend=backend)
+            except ValueError as exc:
+                assert "temperature" in str(exc)
+                continue
+            assert bool((loss >= 0).all()), (seed, loss)
