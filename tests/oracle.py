@@ -7,8 +7,8 @@ tgtfast.reference: explicit log-softmax, the loss as a sum of per-class terms, a
     dL/dt_k  = (1 - delta) p0_k (g_k - sum_j p0_j g_j) / T         (teacher logits)
     dL/dp0_k = (1 - delta) (g_k + 1)                                (teacher probabilities)
 
-with g_j = log p_j - log q_j + h_j. Everything is computed in float64 from the (already rounded) inputs, so a
-backend is judged against the exact answer for the numbers it was given. Ignored rows are replaced by zeros
+with g_j = log p_j - log q_j + h_j. Everything is computed in float64 (on the CPU) from the (already rounded)
+inputs, so a backend is judged against the exact answer for the numbers it was given. Ignored rows are replaced by zeros
 before any arithmetic (loss 0, gradient 0 whatever they hold).
 
 Gradients returned are those of ``sum(grad_output * loss)`` for the reduced or per-row ``loss``, i.e. what
@@ -47,7 +47,7 @@ def log_softmax64(x: torch.Tensor) -> torch.Tensor:
 def _eta(coeffs, k: int) -> Optional[torch.Tensor]:
     if coeffs is None:
         return None
-    eta = torch.as_tensor(coeffs, dtype=torch.float64).detach().double()
+    eta = torch.as_tensor(coeffs, dtype=torch.float64).detach().double().cpu()
     if eta.numel() == 0:
         return None
     if eta.dim() == 1:
@@ -112,7 +112,7 @@ def closed_form_grads(s, t, coeffs=None, temperature=1.0, label_smoothing=0.0, t
 def row_weights(valid: torch.Tensor, reduction: str, grad_output) -> torch.Tensor:
     """d(reduced loss)/d(row loss) times the incoming gradient, float64 [N] (0 on ignored rows)."""
     n = valid.numel()
-    go = torch.as_tensor(grad_output, dtype=torch.float64)
+    go = torch.as_tensor(grad_output, dtype=torch.float64).detach().cpu()
     if reduction == "none":
         w = go.reshape(-1).double() if go.numel() == n else go.double().expand(n)
     elif reduction == "sum":
@@ -144,8 +144,8 @@ def ptloss_oracle(s, t, coeffs=None, *, temperature=1.0, teacher_is_logits=True,
     (default 2, the convention of conftest.run_loss)."""
     k = s.shape[-1]
     lead = s.shape[:-1]
-    s2 = s.detach().double().reshape(-1, k)
-    t2 = t.detach().double().reshape(-1, k)
+    s2 = s.detach().double().cpu().reshape(-1, k)
+    t2 = t.detach().double().cpu().reshape(-1, k)
     valid = _valid(target, ignore_index, lead, s2.shape[0])
     keep = valid[:, None]
     s2 = torch.where(keep, s2, torch.zeros_like(s2))
@@ -165,8 +165,8 @@ def focal_oracle(s, t, *, gamma=2.0, temperature=1.0, teacher_is_logits=True, re
     gradient by autograd of this explicit formula on the masked rows."""
     k = s.shape[-1]
     lead = s.shape[:-1]
-    s2 = s.detach().double().reshape(-1, k)
-    t2 = t.detach().double().reshape(-1, k)
+    s2 = s.detach().double().cpu().reshape(-1, k)
+    t2 = t.detach().double().cpu().reshape(-1, k)
     valid = _valid(target, ignore_index, lead, s2.shape[0])
     keep = valid[:, None]
     s2 = torch.where(keep, s2, torch.zeros_like(s2)).requires_grad_(True)
@@ -188,11 +188,11 @@ def fused_linear_oracle(hs, ws, ht, wt, coeffs=None, *, student_bias=None, teach
     ``kd_weight * PTLoss(s, t) + ce_weight * CE(s, target)`` with ``s = hs ws^T + bs``, ``t = ht wt^T + bt``;
     the logit gradient ``G`` in closed form, then ``dh = G ws``, ``dW = G^T hs``, ``db = sum_rows G``."""
     lead = hs.shape[:-1]
-    h2 = hs.detach().double().reshape(-1, hs.shape[-1])
-    ht2 = ht.detach().double().reshape(-1, ht.shape[-1])
-    w64, wt64 = ws.detach().double(), wt.detach().double()
-    s = h2 @ w64.T + (0 if student_bias is None else student_bias.detach().double())
-    t = ht2 @ wt64.T + (0 if teacher_bias is None else teacher_bias.detach().double())
+    h2 = hs.detach().double().cpu().reshape(-1, hs.shape[-1])
+    ht2 = ht.detach().double().cpu().reshape(-1, ht.shape[-1])
+    w64, wt64 = ws.detach().double().cpu(), wt.detach().double().cpu()
+    s = h2 @ w64.T + (0 if student_bias is None else student_bias.detach().double().cpu())
+    t = ht2 @ wt64.T + (0 if teacher_bias is None else teacher_bias.detach().double().cpu())
     n, v = s.shape
     valid = _valid(target, ignore_index, lead, n)
     keep = valid[:, None]
@@ -202,7 +202,7 @@ def fused_linear_oracle(hs, ws, ht, wt, coeffs=None, *, student_bias=None, teach
     gkd, _ = closed_form_grads(s, t, coeffs, temperature, 0.0, True)
     g = kd_weight * gkd
     if ce_weight != 0:
-        tgt = torch.where(valid, target.reshape(-1).long(), torch.zeros(n, dtype=torch.long))
+        tgt = torch.where(valid, target.reshape(-1).long().cpu(), torch.zeros(n, dtype=torch.long))
         log_q = log_softmax64(s)
         rows = rows + ce_weight * (-log_q.gather(1, tgt[:, None]).squeeze(1))
         onehot = torch.zeros_like(s).scatter_(1, tgt[:, None], 1.0)

@@ -179,8 +179,9 @@ def test_property_matches_oracle(backend, n, h, ht, v, chunk, reduction, ignore_
     target = torch.where(ignored, torch.full((n,), ignore_index), label)
     kw = dict(teacher_bias=bt, target=target, ignore_index=ignore_index, reduction=reduction, kd_weight=kd_weight,
               ce_weight=ce_weight, temperature=temperature)
-    g_out = torch.randn(n, generator=g, dtype=torch.float64) if reduction == "none" else torch.tensor(1.7,
-                                                                                                     dtype=torch.float64)
+    g_out = torch.randn(n, generator=g, dtype=torch.float64)
+    if reduction != "none":
+        g_out = torch.tensor(1.7, dtype=torch.float64)
     leaves = [x.detach().clone().requires_grad_(True) for x in (hs, ws) + ((bs,) if bias else ())]
     out = tgtfast.fused_linear_ptloss(leaves[0], leaves[1], hts, wt, eta, student_bias=leaves[2] if bias else None,
                                       chunk_size=chunk, backend=backend, **kw)

@@ -110,7 +110,7 @@ def test_options_match_reference(backend, dtype, teacher_is_logits, temperature,
     if not teacher_is_logits:  # bfloat16 probabilities do not sum to 1 closely: keep the teacher in float32
         t = torch.randn(33, 157, dtype=torch.float64).mul(3).softmax(-1).float()
     check_against_oracle(backend, s, t, make_coeffs("per_class", 4, 157), temperature=temperature,
-                            label_smoothing=smoothing, teacher_is_logits=teacher_is_logits, reduction=reduction)
+                         label_smoothing=smoothing, teacher_is_logits=teacher_is_logits, reduction=reduction)
 
 
 IGNORE_INDICES = [-100, 7, -1, 0]
@@ -142,7 +142,7 @@ def test_ignore_index_rows(backend, reduction, ignore_index):
     s[0, 0, 3] = float("nan")  # an ignored row may hold anything
     t[0, 0, 5] = float("inf")
     out = check_against_oracle(backend, s, t, make_coeffs("shared", 3, 50), target=target, reduction=reduction,
-                                  ignore_index=ignore_index)
+                               ignore_index=ignore_index)
     loss, gs, gt = out
     assert torch.all(gs[ignored] == 0) and torch.all(gt[ignored] == 0)
     assert torch.all(gs[~ignored].abs().sum(-1) > 0)
@@ -274,7 +274,7 @@ def test_gradcheck_cpp(teacher_is_logits, coeffs):
 def test_teacher_probability_gradient_formula():
     s, t = make_inputs((6, 11), torch.float64, teacher_is_logits=False)
     check_against_oracle("cpp", s, t, torch.tensor([0.3, 1.1], dtype=torch.float64), teacher_is_logits=False,
-                            label_smoothing=0.2)
+                         label_smoothing=0.2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -347,9 +347,9 @@ def test_retained_graph_and_scaled_backward(target):
 def test_triton_backend_through_public_api(reduction):
     """tgtfast.ptloss(backend="triton") goes through the registered triton_op and its autograd."""
     s, t = make_inputs((2, 3, 37), torch.float32)
-    target = torch.tensor([[1, -100, 2], [3, 4, -100]])
+    target = torch.tensor([[1, 7, 2], [3, -100, 7]])  # ignore_index 7: the -100 row counts
     check_against_oracle("triton", s, t, make_coeffs("shared", 2, 37), temperature=1.5, label_smoothing=0.1,
-                            target=target, reduction=reduction)
+                         target=target, reduction=reduction, ignore_index=7)
 
 
 @needs_backend("cpp")

@@ -139,8 +139,8 @@ def test_cpp_matches_oracle(n, k, m, per_class, coeff_scale, scale, teacher_is_l
 
 @settings(max_examples=25, **SETTINGS)
 @given(
-    rows=st.lists(st.lists(st.sampled_from([0.0, -3.0, -5.0, -87.0, -95.0, -99.0, -200.0, 2.0]), min_size=3, max_size=3),
-                  min_size=1, max_size=4),
+    rows=st.lists(st.lists(st.sampled_from([0.0, -3.0, -5.0, -87.0, -95.0, -99.0, -200.0, 2.0]), min_size=3,
+                           max_size=3), min_size=1, max_size=4),
     student_scale=st.sampled_from([0.0, 1.0, 10.0]),
     temperature=st.sampled_from([0.05, 1.0, 20.0]),
     smoothing=st.sampled_from([0.0, 0.1]),

@@ -105,5 +105,6 @@ def test_row_p_is_the_row_alone_at_offset_p_times_d(backend, dtype, p):
         x2, _ = tgtfast.perturb_decode_label(twice, dec, lab, backend=backend, **kw)
         pert = tgtfast.perturb(twice, kw["sigma"], kw["seed"], kw["offset"], backend=backend)
         assert not torch.equal(pert[0], pert[1])
-        x_again, _ = tgtfast.perturb_decode_label(twice[1:], dec, lab, backend=backend, **dict(kw, offset=kw["offset"] + d))
+        x_again, _ = tgtfast.perturb_decode_label(twice[1:], dec, lab, backend=backend,
+                                                  **dict(kw, offset=kw["offset"] + d))
         torch.testing.assert_close(x_again[0], x2[1], **tol)
