@@ -74,6 +74,7 @@ traced by ``torch.compile``; it does not register anything itself.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -153,7 +154,7 @@ def _log(x, ACC: tl.constexpr):
 @triton.jit
 def _tile_terms(u, v, eta_ptr, cols, cmask, K,
                 mu_s, sum_s, inv_s, log_s, mu_t, inv_t, log_t,
-                keep, smooth_add,
+                keep, smooth_add, log_smooth,
                 M: tl.constexpr, PER_CLASS: tl.constexpr, TEACHER_LOGITS: tl.constexpr,
                 SMOOTH: tl.constexpr, ACC: tl.constexpr):
     """Per-element quantities of one tile: ``q, log q, p0, p, log p, h, h'``.
@@ -175,7 +176,8 @@ def _tile_terms(u, v, eta_ptr, cols, cmask, K,
             log_p0 = _log(p0, ACC)
     if SMOOTH:
         p = p0 * keep + smooth_add
-        log_p = _log(p, ACC)
+        # p = 0 with delta > 0 where p0 = 0 and delta / K is below float32 range: log p is log(delta / K), not -inf
+        log_p = tl.where(p == 0.0, log_smooth, _log(p, ACC))
     else:
         p = p0
         log_p = log_p0
@@ -234,7 +236,7 @@ def _ptloss_kernel(
     student_ptr, teacher_ptr, coeffs_ptr, valid_ptr,
     loss_ptr, grad_s_ptr, grad_t_ptr,
     N, K,
-    inv_temp, keep, smooth_add, grad_scale,
+    inv_temp, keep, smooth_add, log_smooth, grad_scale,
     M: tl.constexpr,
     PER_CLASS: tl.constexpr,
     HAS_VALID: tl.constexpr,
@@ -246,7 +248,7 @@ def _ptloss_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One program per ``BLOCK_N`` rows. ``keep = 1 - delta``, ``smooth_add = delta / K``,
+    """One program per ``BLOCK_N`` rows. ``keep = 1 - delta``, ``smooth_add = delta / K`` (``log_smooth`` its log),
     ``SINGLE_TILE`` means ``K <= BLOCK_K`` (the row is loaded once and kept in registers)."""
     ACC = loss_ptr.dtype.element_ty  # float32, or float64 for float64 inputs
     pid = tl.program_id(0)
@@ -285,7 +287,7 @@ def _ptloss_kernel(
         mu_t, _, inv_t, log_t = _finish_stats(m_t, s_t)
         q, log_q, p0, p, log_p, h, dh = _tile_terms(
             u, v, coeffs_ptr, cols0, cols0 < K, K, mu_s, sum_s, inv_s, log_s, mu_t, inv_t, log_t,
-            keep, smooth_add, M, PER_CLASS, TEACHER_LOGITS, SMOOTH, ACC)
+            keep, smooth_add, log_smooth, M, PER_CLASS, TEACHER_LOGITS, SMOOTH, ACC)
         # pass 2: loss and row sums
         term = tl.where(p == 0.0, 0.0, p * (log_p - log_q))
         if M > 0:
@@ -328,7 +330,7 @@ def _ptloss_kernel(
                               TEACHER_LOGITS, ACC)
             q, log_q, p0, p, log_p, h, dh = _tile_terms(
                 u, v, coeffs_ptr, cols, cols < K, K, mu_s, sum_s, inv_s, log_s, mu_t, inv_t, log_t,
-                keep, smooth_add, M, PER_CLASS, TEACHER_LOGITS, SMOOTH, ACC)
+                keep, smooth_add, log_smooth, M, PER_CLASS, TEACHER_LOGITS, SMOOTH, ACC)
             term = tl.where(p == 0.0, 0.0, p * (log_p - log_q))
             if M > 0:
                 term += p * h
@@ -354,7 +356,7 @@ def _ptloss_kernel(
                                   TEACHER_LOGITS, ACC)
                 q, log_q, p0, p, log_p, h, dh = _tile_terms(
                     u, v, coeffs_ptr, cols, cols < K, K, mu_s, sum_s, inv_s, log_s, mu_t, inv_t, log_t,
-                    keep, smooth_add, M, PER_CLASS, TEACHER_LOGITS, SMOOTH, ACC)
+                    keep, smooth_add, log_smooth, M, PER_CLASS, TEACHER_LOGITS, SMOOTH, ACC)
                 _store_grads(grad_s_ptr, grad_t_ptr, offs, rstore & cmask, rkeep, q, log_q, p0, p, log_p, h, dh,
                              sum_p, sum_aq, sum_pg, inv_temp, keep, grad_scale, M, TEACHER_LOGITS, NEED_GS, NEED_GT)
 
@@ -406,6 +408,7 @@ def ptloss_fwd(student: torch.Tensor, teacher: torch.Tensor, coeffs: torch.Tenso
         loss, grad_s, grad_t,
         n_rows, n_classes,
         1.0 / float(temperature), 1.0 - float(label_smoothing), float(label_smoothing) / n_classes,
+        math.log(float(label_smoothing) / n_classes) if float(label_smoothing) > 0.0 else 0.0,
         float(grad_scale),
         M=n_orders,
         PER_CLASS=per_class,

@@ -326,3 +326,15 @@ def test_temperature_softmax_leading_masked_tile(backend):
         y = kernels.temperature_softmax(x, 0.7)
     want = torch.softmax(x.double() / 0.7, -1)
     assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-9)
+
+
+@BACKENDS
+@pytest.mark.parametrize("teacher_is_logits", [False, True])
+def test_ptloss_label_smoothing_below_float32_range(backend, teacher_is_logits):
+    """delta / K below the smallest float32 (1e-50 here): p_j = delta / K where p0_j = 0 rounds to 0 in float32,
+    but log p_j = log(delta / K) is finite, and so is the teacher gradient (it was -inf)."""
+    if teacher_is_logits:
+        t = torch.tensor([[0.0, -float("inf"), -5.0], [-3.0, 0.0, -200.0]])
+    else:
+        t = torch.tensor([[0.75, 0.0, 0.25], [0.5, 0.5, 0.0]])
+    _assert_matches(backend, STUDENT, t, teacher_is_logits=teacher_is_logits, label_smoothing=1e-50)

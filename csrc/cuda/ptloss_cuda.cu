@@ -293,6 +293,7 @@ struct KernelArgs {
   float k2;        // log2(e) / T
   float keep;      // 1 - delta
   float spread;    // delta / K
+  float log_spread;  // log(delta / K) from double: log p where p0 = 0 and delta / K is below float range
   float gs_scale;  // grad_scale / T
   float gt_scale;  // grad_scale (1 - delta) / T for logits, grad_scale (1 - delta) for probabilities
   bool smooth;   // delta > 0
@@ -336,7 +337,7 @@ __device__ __forceinline__ ElemVals element(float s, float t, int j, const Kerne
   }
   if (a.smooth) {
     e.p = fmaf(a.keep, e.p0, a.spread);
-    e.lp = need_lp ? log_prob(e.p) : 0.f;
+    e.lp = need_lp ? (e.p == 0.f ? a.log_spread : log_prob(e.p)) : 0.f;
   } else {
     e.p = e.p0;
     if constexpr (kLogits) {
@@ -583,6 +584,7 @@ cudaError_t ptloss_fwd(const PTLossArgs& args, cudaStream_t stream) {
   a.k2 = static_cast<float>(args.inv_temperature * kLog2e);
   a.keep = static_cast<float>(1.0 - args.label_smoothing);
   a.spread = static_cast<float>(args.label_smoothing / static_cast<double>(K));
+  a.log_spread = static_cast<float>(std::log(args.label_smoothing / static_cast<double>(K)));
   a.smooth = args.label_smoothing > 0.0;
   a.gs_scale = static_cast<float>(args.grad_scale * args.inv_temperature);
   a.gt_scale = static_cast<float>(args.grad_scale * (1.0 - args.label_smoothing) *
