@@ -201,14 +201,15 @@ def offset(value: Any, numel: int, name: str = "offset") -> int:
 
 
 def temperature(value: Any, dtype: torch.dtype = torch.float32, name: str = "temperature") -> float:
-    """A temperature ``T > 0`` whose reciprocal is finite in the compute dtype (float32 math for half
-    precision): smaller ones would turn the logits into inf and the loss into NaN."""
+    """A temperature ``T > 0`` small logits stay finite under: ``2**64 / T`` must be finite in the compute dtype
+    (float32 math for half precision; ``T >= 5.4e-20`` in float32). Below that, ``logits / T`` overflows for
+    ordinary logits and the loss turns into inf or NaN instead of failing here."""
     value = real(name, value, low=0.0, low_inclusive=False)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    info = torch.finfo(compute)
-    if 1.0 / value > info.max:
+    low = 2.0**64 / torch.finfo(compute).max
+    if value < low:
         raise ValueError(
-            f"{name} must be at least {1.0 / info.max:.3g} so that 1/{name} is finite in {str(compute)[6:]}, "
-            f"got {value}"
+            f"{name} must be at least {low:.3g} so that logits up to 2**64 divided by it stay finite in "
+            f"{str(compute)[6:]}, got {value}"
         )
     return value

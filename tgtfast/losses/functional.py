@@ -171,6 +171,7 @@ def ptloss(
     if chosen is Backend.REFERENCE:
         if valid is not None:  # ignored rows must not leak NaN/inf into the gradient
             s, t = reference.mask_rows(s, t, valid, teacher_is_logits)
+        s, t = s.to(eta.dtype), t.to(eta.dtype)  # half precision accumulates in float32, as the kernels do
         rows = reference.ptloss_rows(
             s, t, eta, temperature=temperature, teacher_is_logits=teacher_is_logits, label_smoothing=label_smoothing
         )
