@@ -43,10 +43,8 @@ static inline float madd(float a, float b, float c) { return a * b + c; }
 static inline float bits_to_float(uint32_t u) { return __builtin_bit_cast(float, u); }
 static inline uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
 
-// exp(xc) = 2^n exp(r) for xc in [-87.34, 88.73] and n = round(xc / ln 2) in [-126, 128]: Cody-Waite reduction
-// r = xc - n ln 2 in two steps, then the Cephes polynomial for exp(r). 2^128 is not a float, so n = 128 scales by
-// 2^127 and then by 2 (p * 2^127 stays finite).
-static inline float exp_reduced(float xc, float n) {
+// exp(r) for r = xc - n ln 2 (Cody-Waite reduction in two steps), the Cephes polynomial; n = round(xc / ln 2).
+static inline float exp_poly(float xc, float n) {
   float r = madd(n, -0.693359375f, xc);
   r = madd(n, 2.12194440e-4f, r);
   float p = 1.9875691500e-4f;
@@ -55,12 +53,11 @@ static inline float exp_reduced(float xc, float n) {
   p = madd(p, r, 4.1665795894e-2f);
   p = madd(p, r, 1.6666665459e-1f);
   p = madd(p, r, 5.0000001201e-1f);
-  p = madd(p, r * r, r) + 1.0f;
-  const float n1 = n > 127.0f ? 127.0f : n;
-  const float scale = bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n1) + 127) << 23);
-  const float y = p * scale;
-  return n > 127.0f ? y * 2.0f : y;
+  return madd(p, r * r, r) + 1.0f;
 }
+
+// 2^n as a float for an integral n in [-126, 127].
+static inline float pow2i(float n) { return bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23); }
 
 // Bounds of fast_exp: exp(lo) = FLT_MIN (below it results would be subnormal: flushed to 0); hi is the first
 // float above log(FLT_MAX) (exp(hi) rounds to +inf).
@@ -72,7 +69,9 @@ static inline float fast_exp(float x) {
   float xc = x > kExpHi ? kExpHi : x;
   xc = xc < kExpLo ? kExpLo : xc;  // NaN compares false twice and stays NaN
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (|x| < 2^22)
-  float y = exp_reduced(xc, n);
+  // n is in [-126, 128]; 2^128 is not a float, so n = 128 scales by 2^127 and then by 2 (p 2^127 stays finite).
+  const float y127 = exp_poly(xc, n) * pow2i(n > 127.0f ? 127.0f : n);
+  float y = n > 127.0f ? y127 * 2.0f : y127;
   y = x < kExpLo ? 0.0f : y;
   y = x >= kExpHi ? std::numeric_limits<float>::infinity() : y;
   return y;
@@ -87,7 +86,7 @@ static inline float fast_exp_nonpos(float x) {
 #else
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // no vector round before SSE4.1
 #endif
-  const float y = exp_reduced(xc, n);
+  const float y = exp_poly(xc, n) * pow2i(n);  // n <= 0: no overflow handling to pay for
   return x < kExpLo ? 0.0f : y;  // NaN compares false and keeps y (NaN)
 }
 

@@ -6,21 +6,11 @@
 
 #include <cmath>
 
+#include "cpu_dtype.h"
 #include "noise_cpu_kernel.h"
 
 namespace tgtfast {
 namespace {
-
-cpu::DType to_kernel_dtype(at::ScalarType t, const char* op, const char* arg) {
-  switch (t) {
-    case at::kFloat: return cpu::DType::kFloat32;
-    case at::kDouble: return cpu::DType::kFloat64;
-    case at::kBFloat16: return cpu::DType::kBFloat16;
-    case at::kHalf: return cpu::DType::kFloat16;
-    default: TORCH_CHECK(false, op, ": ", arg, " must be float32, float64, bfloat16 or float16, got ", t);
-  }
-  return cpu::DType::kFloat32;  // unreachable
-}
 
 // Elements per parallel task: enough work (a Philox call and a log + sincos per two elements) to amortise
 // the task, few enough that small latents still use every thread.
@@ -40,7 +30,7 @@ void run_perturb(const cpu::PerturbArgs& args) {
 at::Tensor perturb_cpu(const at::Tensor& z, double sigma, int64_t seed, int64_t offset) {
   TORCH_CHECK(std::isfinite(sigma) && sigma >= 0, "perturb: sigma must be finite and >= 0, got ", sigma);
   check_stream(offset, z.numel(), "perturb");
-  const auto dtype = to_kernel_dtype(z.scalar_type(), "perturb", "z");
+  const auto dtype = cpu::to_kernel_dtype(z.scalar_type(), "perturb", "z");
   const at::Tensor zc = z.contiguous();
   at::Tensor out = at::empty_like(zc, at::MemoryFormat::Contiguous);
   cpu::PerturbArgs args;
@@ -61,7 +51,7 @@ void latent_noise_cpu(at::Tensor& out, int64_t seed, int64_t offset) {
   cpu::PerturbArgs args;
   args.z = nullptr;
   args.out = out.data_ptr();
-  args.dtype = to_kernel_dtype(out.scalar_type(), "latent_noise_", "out");
+  args.dtype = cpu::to_kernel_dtype(out.scalar_type(), "latent_noise_", "out");
   args.numel = out.numel();
   args.sigma = 1.0;
   args.seed = static_cast<uint64_t>(seed);

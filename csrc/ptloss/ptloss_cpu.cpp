@@ -5,21 +5,12 @@
 
 #include <tuple>
 
+#include "cpu_dtype.h"
 #include "cpu_buffers.h"
 #include "ptloss_cpu_kernel.h"
 
 namespace tgtfast {
 namespace {
-
-cpu::DType to_kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cpu::DType::kFloat32;
-    case at::kDouble: return cpu::DType::kFloat64;
-    case at::kBFloat16: return cpu::DType::kBFloat16;
-    case at::kHalf: return cpu::DType::kFloat16;
-    default: TORCH_CHECK(false, "ptloss: student dtype must be float32, float64, bfloat16 or float16, got ", t);
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ptloss_fwd_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& coeffs,
@@ -31,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ptloss_fwd_cpu(
   TORCH_CHECK(teacher.scalar_type() == student.scalar_type(), "ptloss: teacher dtype ", teacher.scalar_type(),
               " does not match student dtype ", student.scalar_type());
   TORCH_CHECK(student.is_contiguous() && teacher.is_contiguous(), "ptloss: student and teacher must be contiguous");
-  const auto dtype = to_kernel_dtype(student.scalar_type());
+  const auto dtype = cpu::to_kernel_dtype(student.scalar_type(), "ptloss", "student");
   const auto acc = dtype == cpu::DType::kFloat64 ? at::kDouble : at::kFloat;
   const int64_t N = student.size(0), K = student.size(1);
   TORCH_CHECK(coeffs.dim() == 1 || (coeffs.dim() == 2 && coeffs.size(1) == K),

@@ -7,27 +7,17 @@
 #include <algorithm>
 #include <cmath>
 
+#include "cpu_dtype.h"
 #include "softmax_cpu_kernel.h"
 
 namespace tgtfast {
 namespace {
 
-cpu::DType to_kernel_dtype(at::ScalarType t, const char* op, const char* arg) {
-  switch (t) {
-    case at::kFloat: return cpu::DType::kFloat32;
-    case at::kDouble: return cpu::DType::kFloat64;
-    case at::kBFloat16: return cpu::DType::kBFloat16;
-    case at::kHalf: return cpu::DType::kFloat16;
-    default: TORCH_CHECK(false, op, ": ", arg, " must be float32, float64, bfloat16 or float16, got ", t);
-  }
-  return cpu::DType::kFloat32;  // unreachable
-}
-
 at::Tensor temperature_softmax_cpu(const at::Tensor& logits, double temperature) {
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
               "temperature_softmax: temperature must be finite and > 0, got ", temperature);
   TORCH_CHECK(logits.dim() >= 1, "temperature_softmax: logits must have at least one dimension");
-  const auto dtype = to_kernel_dtype(logits.scalar_type(), "temperature_softmax", "logits");
+  const auto dtype = cpu::to_kernel_dtype(logits.scalar_type(), "temperature_softmax", "logits");
   const at::Tensor x = logits.contiguous();
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t K = x.size(-1);
