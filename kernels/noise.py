@@ -15,7 +15,7 @@ indices ``j``, the standard normals every tgtfast backend draws (``csrc/philox.h
 Any element is computed on its own from ``(seed, j)``, so a kernel can draw exactly the noise it needs for
 the tile it holds (the fused MLP kernels import ``normal_at`` for their first layer) and the noise never
 exists in memory. ``seed`` is a scalar integer holding the seed's 64 bits (pass seeds ``>= 2^63`` as their
-two's complement ``seed - 2^64``; :func:`tgtfast.tgt._seed_arg` does this).
+two's complement ``seed - 2^64``; :func:`tgtfast.tgt.step._seed_arg` does this).
 
 On the GPU the logarithm and the sine/cosine come from libdevice (accurate to about one ulp, like the CPU's
 libm): the fast hardware approximations are not accurate enough near ``u1 = 1``, where ``log u1`` is tiny.

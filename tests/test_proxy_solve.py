@@ -452,3 +452,14 @@ def test_cuda_solve_matches_cpu(k, backend):
     a = px.search_coefficients(p, y, num_candidates=10, backend="cpp")
     b = px.search_coefficients(p.cuda(), y.cuda(), num_candidates=10, backend="cuda")
     assert torch.allclose(a.candidate_deviations, b.candidate_deviations, rtol=1e-9, atol=1e-15)
+
+
+def test_search_takes_the_seeds_torch_generators_take():
+    """Any seed torch.Generator.manual_seed takes is accepted (negative ones included), the same draws each time."""
+    p = torch.softmax(torch.randn(20, 3, dtype=torch.float64), -1)
+    y = torch.randint(0, 3, (20,))
+    a = tgtfast.search_coefficients(p, y, order=2, num_candidates=4, seed=-5, backend="reference")
+    b = tgtfast.search_coefficients(p, y, order=2, num_candidates=4, seed=-5, backend="reference")
+    assert torch.equal(a.coeffs, b.coeffs)
+    with pytest.raises(ValueError, match="seed"):
+        tgtfast.search_coefficients(p, y, order=2, num_candidates=4, seed=2**64, backend="reference")

@@ -223,7 +223,7 @@ def search_coefficients(
     if low > high:
         raise ValueError(f"low must be <= high, got low={low} > high={high}")
     temperature = validation.temperature(temperature, _F64)
-    seed = validation.seed(seed)
+    seed = validation.integer("seed", seed, low=-(2**63), high=2**64 - 1)  # what torch.Generator.manual_seed takes
     t = _checks.as_tensor(teacher, "teacher")
     _op.solver(backend, t.device)  # an unknown or unusable backend is refused before any work
     if teacher_is_logits:
