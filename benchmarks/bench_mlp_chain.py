@@ -28,7 +28,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from typing import Callable, Dict, List, Optional
 
 import torch

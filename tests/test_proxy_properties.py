@@ -3,7 +3,6 @@ reference on hostile teachers: peaked softmaxes (logit scales up to 100), probab
 random coefficients in the paper's range [-1, 10], K in {2, 3, 5}. Both must return points of the simplex that
 satisfy the stationarity condition and agree with each other."""
 
-import math
 
 import pytest
 import torch

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from numbers import Real
 from typing import Optional, Sequence, Union
 
 import torch
@@ -23,28 +21,19 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _check_float(name: str, value: object, *, low: float, high: float = math.inf, low_inclusive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    ok = (value >= low if low_inclusive else value > low) and value < high and math.isfinite(value)
-    if not ok:
-        lo = "[" if low_inclusive else "("
-        raise ValueError(f"{name} must be in {lo}{low}, {high}), got {value}")
-    return value
-
-
-def _check_target(target: object, lead: torch.Size, lead_of: str, device_of: str, device: torch.device) -> None:
-    """Checks the integer class targets of the losses: a tensor of the leading shape ``lead`` (that of
-    ``lead_of``) on ``device`` (that of the argument ``device_of``)."""
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"target must be an integer tensor, got {target.dtype}")
-    if target.shape != lead:
-        raise ValueError(f"target shape {tuple(target.shape)} must equal {lead_of} leading shape {tuple(lead)}")
-    if target.device != device:
-        raise ValueError(f"target is on {target.device} but {device_of} is on {device}")
+def _check_logits_pair(student_logits: object, teacher: object) -> None:
+    """Student logits ``[..., K]`` (at least 2-D, K > 0) and a teacher of the same shape and device, both floating."""
+    V.tensor("student_logits", student_logits, floating=True)
+    V.tensor("teacher", teacher, floating=True)
+    if student_logits.dim() < 2:
+        raise ValueError(f"student_logits must be [N, K] or [B, L, K], got shape {tuple(student_logits.shape)}")
+    if teacher.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher shape {tuple(teacher.shape)} does not match student_logits shape {tuple(student_logits.shape)}"
+        )
+    V.same_device("teacher", teacher, "student_logits", student_logits.device)
+    if student_logits.shape[-1] == 0:
+        raise ValueError("student_logits has an empty class dimension (K = 0)")
 
 
 def _as_coeffs(coeffs: CoeffsLike, k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -129,36 +118,17 @@ def ptloss(
     NaN or infinite logits in a row make that row's loss and gradient NaN (they are not masked); rows that
     are ignored stay 0 whatever their values.
     """
-    if not isinstance(student_logits, torch.Tensor):
-        raise TypeError(f"student_logits must be a torch.Tensor, got {type(student_logits).__name__}")
-    if not isinstance(teacher, torch.Tensor):
-        raise TypeError(f"teacher must be a torch.Tensor, got {type(teacher).__name__}")
-    if not student_logits.is_floating_point():
-        raise TypeError(f"student_logits must be a floating tensor, got {student_logits.dtype}")
-    if not teacher.is_floating_point():
-        raise TypeError(f"teacher must be a floating tensor, got {teacher.dtype}")
-    if student_logits.dim() < 2:
-        raise ValueError(f"student_logits must be [N, K] or [B, L, K], got shape {tuple(student_logits.shape)}")
-    if teacher.shape != student_logits.shape:
-        raise ValueError(
-            f"teacher shape {tuple(teacher.shape)} does not match student_logits shape {tuple(student_logits.shape)}"
-        )
-    if teacher.device != student_logits.device:
-        raise ValueError(f"teacher is on {teacher.device} but student_logits is on {student_logits.device}")
+    _check_logits_pair(student_logits, teacher)
     k = student_logits.shape[-1]
-    if k == 0:
-        raise ValueError("student_logits has an empty class dimension (K = 0)")
     dtype = torch.promote_types(student_logits.dtype, teacher.dtype)
     temperature = V.temperature(temperature, dtype)
-    label_smoothing = _check_float("label_smoothing", label_smoothing, low=0.0, high=1.0, low_inclusive=True)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not isinstance(teacher_is_logits, bool):
-        raise TypeError(f"teacher_is_logits must be a bool, got {type(teacher_is_logits).__name__}")
+    label_smoothing = V.real("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    V.choice("reduction", reduction, _REDUCTIONS)
+    V.boolean("teacher_is_logits", teacher_is_logits)
     lead = student_logits.shape[:-1]
     valid = None
     if target is not None:
-        _check_target(target, lead, "the logits'", "student_logits", student_logits.device)
+        V.target(target, lead, "the logits'", "student_logits", student_logits.device)
         valid = (target != ignore_index).reshape(-1)
 
     s = student_logits.to(dtype).reshape(-1, k)
@@ -258,15 +228,8 @@ def focal_kd_loss(
     """Focal distillation ``sum_j p_j (1 - q_j)^gamma (-log q_j)`` (Lin et al.'s focal loss with soft targets),
     a baseline of the PTLoss paper. Not a polynomial in ``1 - q``, so it runs as eager PyTorch (it composes
     with ``torch.compile``). Arguments as in :func:`ptloss`; ``gamma >= 0``."""
-    gamma = _check_float("gamma", gamma, low=0.0, low_inclusive=True)
-    V.tensor("student_logits", student_logits, floating=True, min_dim=2)
-    V.tensor("teacher", teacher, floating=True)
-    if teacher.shape != student_logits.shape:
-        raise ValueError(
-            f"teacher shape {tuple(teacher.shape)} does not match student_logits shape {tuple(student_logits.shape)}"
-        )
-    if teacher.device != student_logits.device:
-        raise ValueError(f"teacher is on {teacher.device} but student_logits is on {student_logits.device}")
+    gamma = V.real("gamma", gamma, low=0.0)
+    _check_logits_pair(student_logits, teacher)
     temperature = V.temperature(temperature, torch.promote_types(student_logits.dtype, teacher.dtype))
     V.choice("reduction", reduction, _REDUCTIONS)
     V.boolean("teacher_is_logits", teacher_is_logits)

@@ -27,7 +27,7 @@ from torch import nn
 from tgtfast import reference
 from tgtfast import validation as V
 from tgtfast.dispatch import Backend, select
-from tgtfast.losses.functional import _REDUCTIONS, CoeffsLike, _as_coeffs, _check_float, _check_target
+from tgtfast.losses.functional import _REDUCTIONS, CoeffsLike, _as_coeffs
 from tgtfast.losses.modules import coeffs_buffer
 from tgtfast.ops import ptloss as _ptloss_op
 
@@ -371,8 +371,8 @@ def fused_linear_ptloss(
         if b.device != device:
             raise ValueError(f"{name} is on {b.device} but student_hidden is on {device}")
     temperature = V.temperature(temperature, torch.float64 if torch.float64 in (hs.dtype, ht.dtype) else torch.float32)
-    kd_weight = _check_float("kd_weight", kd_weight, low=0.0, low_inclusive=True)
-    ce_weight = _check_float("ce_weight", ce_weight, low=0.0, low_inclusive=True)
+    kd_weight = V.real("kd_weight", kd_weight, low=0.0)
+    ce_weight = V.real("ce_weight", ce_weight, low=0.0)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if chunk_size is None:
@@ -386,7 +386,7 @@ def fused_linear_ptloss(
     n = math.prod(lead)
     valid = tgt = None
     if target is not None:
-        _check_target(target, lead, "the hidden states'", "student_hidden", device)
+        V.target(target, lead, "the hidden states'", "student_hidden", device)
         tgt = target.reshape(-1).to(torch.int64)
         valid = tgt != ignore_index
         if ce_weight != 0 and not torch.compiler.is_compiling():
@@ -448,8 +448,8 @@ class FusedLinearPTLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.temperature = V.temperature(temperature)
-        self.kd_weight = _check_float("kd_weight", kd_weight, low=0.0, low_inclusive=True)
-        self.ce_weight = _check_float("ce_weight", ce_weight, low=0.0, low_inclusive=True)
+        self.kd_weight = V.real("kd_weight", kd_weight, low=0.0)
+        self.ce_weight = V.real("ce_weight", ce_weight, low=0.0)
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)

@@ -68,7 +68,7 @@ class PTLoss(_DistillLoss):
     ) -> None:
         super().__init__(temperature=temperature, teacher_is_logits=teacher_is_logits, reduction=reduction,
                          ignore_index=ignore_index, backend=backend)
-        F._check_float("label_smoothing", label_smoothing, low=0.0, high=1.0, low_inclusive=True)
+        V.real("label_smoothing", label_smoothing, low=0.0, high=1.0)
         self.label_smoothing = float(label_smoothing)
         if isinstance(coeffs, (str, os.PathLike)):
             with open(coeffs) as fh:
@@ -115,7 +115,7 @@ class FocalKDLoss(_DistillLoss):
                  reduction: str = "batchmean", ignore_index: int = -100) -> None:
         super().__init__(temperature=temperature, teacher_is_logits=teacher_is_logits, reduction=reduction,
                          ignore_index=ignore_index, backend=None)
-        self.gamma = float(F._check_float("gamma", gamma, low=0.0, low_inclusive=True))
+        self.gamma = V.real("gamma", gamma, low=0.0)
 
     def forward(self, student_logits: torch.Tensor, teacher: torch.Tensor,
                 target: Optional[torch.Tensor] = None) -> torch.Tensor:
