@@ -9,38 +9,12 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cuda_convert.cuh"
 #include "softmax_cuda.h"
 
 namespace tgtfast {
 namespace cuda {
 namespace {
-
-template <typename T>
-struct Conv;
-template <>
-struct Conv<float> {
-  using Acc = float;
-  __device__ static float load(const float* p, int64_t i) { return p[i]; }
-  __device__ static void store(float* p, int64_t i, float v) { p[i] = v; }
-};
-template <>
-struct Conv<double> {
-  using Acc = double;
-  __device__ static double load(const double* p, int64_t i) { return p[i]; }
-  __device__ static void store(double* p, int64_t i, double v) { p[i] = v; }
-};
-template <>
-struct Conv<__half> {
-  using Acc = float;
-  __device__ static float load(const __half* p, int64_t i) { return __half2float(p[i]); }
-  __device__ static void store(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
-};
-template <>
-struct Conv<__nv_bfloat16> {
-  using Acc = float;
-  __device__ static float load(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
-  __device__ static void store(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
-};
 
 constexpr int kThreads = 256;
 
