@@ -63,3 +63,34 @@ def test_float64_with_float32_is_still_refused():
     hs, ws, ht, wt, _ = _inputs()
     with pytest.raises(TypeError, match="student_weight dtype"):
         tgtfast.fused_linear_ptloss(hs.double(), ws, ht, wt)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+def test_ignored_rows_holding_nan_reach_no_gradient(reduction, ce_weight):
+    """Padding rows (ignored) may hold NaN/inf hidden states: the loss and every gradient stay finite, and the
+    ignored rows' own gradient is 0 (the weight gradient once was NaN: 0 * NaN in the weight product)."""
+    g = torch.Generator().manual_seed(3)
+    hs = torch.randn(6, 5, generator=g)
+    hs[2] = float("nan")
+    hs.requires_grad_(True)
+    ws = torch.randn(11, 5, generator=g, requires_grad=True)
+    bias = torch.randn(11, generator=g, requires_grad=True)
+    ht, wt = torch.randn(6, 5, generator=g), torch.randn(11, 5, generator=g)
+    ht[2] = float("inf")
+    target = torch.tensor([1, 2, 7, 4, 5, 6])
+    out = tgtfast.fused_linear_ptloss(hs, ws, ht, wt, [0.3], target=target, ignore_index=7, ce_weight=ce_weight,
+                                      reduction=reduction, student_bias=bias, chunk_size=4)
+    (out.sum() if reduction == "none" else out).backward()
+    for x in (out, hs.grad, ws.grad, bias.grad):
+        assert torch.isfinite(x).all()
+    assert torch.equal(hs.grad[2], torch.zeros(5))
+    # the same as dropping the row
+    keep = torch.tensor([0, 1, 3, 4, 5])
+    ws2 = ws.detach().clone().requires_grad_(True)
+    ref = tgtfast.fused_linear_ptloss(hs.detach()[keep], ws2, ht[keep], wt, [0.3], target=target[keep],
+                                      ce_weight=ce_weight, reduction=reduction, student_bias=bias.detach(),
+                                      chunk_size=4)
+    (ref.sum() if reduction == "none" else ref).backward()
+    if reduction != "mean":
+        torch.testing.assert_close(ws.grad, ws2.grad, rtol=1e-5, atol=1e-6)

@@ -197,8 +197,9 @@ def _run(cfg: _Config, hs, ws, bs, ht, wt, bt, row_scale, need: Tuple[bool, bool
         grad = student.grad_operand(grad)
         if need[0]:
             student.grad_hidden_into(grad, grad_h[start:end])
-        if need[1]:
-            student.accumulate_grad_weight(grad_w, grad, h_chunk)
+        if need[1]:  # ignored rows have zero gradient, but 0 * NaN hidden states (padding) would still be NaN
+            h_w = h_chunk if valid is None else torch.where(valid.unsqueeze(1), h_chunk, h_chunk.new_zeros(()))
+            student.accumulate_grad_weight(grad_w, grad, h_w)
         del grad
     if grad_w is not None:
         grad_w = grad_w.to(ws.dtype)
