@@ -78,6 +78,8 @@ _HAS_CUDA_DEVICE = torch.cuda.is_available()
 _OPS: Dict[str, Tuple[Dict[Backend, str], Dict[Backend, Tuple[torch.dtype, ...]]]] = {}
 # op name -> backend -> loader not yet run (it registers the kernels; raising means they cannot load)
 _LOADERS: Dict[str, Dict[Backend, Callable[[], None]]] = {}
+# op name -> backend -> limit(call) -> None if the backend's kernels take this call, else why not
+_LIMITS: Dict[str, Dict[Backend, Callable[[Dict[str, object]], Optional[str]]]] = {}
 
 
 def register_op(
@@ -85,17 +87,21 @@ def register_op(
     missing: Optional[Dict[Union[str, Backend], str]] = None,
     dtypes: Optional[Dict[Union[str, Backend], Tuple[torch.dtype, ...]]] = None,
     loaders: Optional[Dict[Union[str, Backend], Callable[[], None]]] = None,
+    limits: Optional[Dict[Union[str, Backend], Callable[[Dict[str, object]], Optional[str]]]] = None,
 ) -> None:
     """Declare which backends implement `op`: `missing` maps each backend without it (or whose kernels for it
     failed to load) to the reason; `dtypes` narrows the dtypes a backend takes for this op; `loaders` maps a
     backend to a function that loads its kernels, run once, the first time that backend is considered for the op
-    (an exception it raises marks the backend missing, with the exception as the reason). Backends not named
-    implement it with all their dtypes. Calling it again for the same op replaces the declaration."""
+    (an exception it raises marks the backend missing, with the exception as the reason); `limits` maps a
+    backend to a check of one call's sizes (the keywords the op passes to :func:`select`, e.g. ``orders=M``)
+    that returns why that backend's kernels cannot take it, or None. Backends not named implement it with all
+    their dtypes and sizes. Calling it again for the same op replaces the declaration."""
     _OPS[op] = (
         {Backend(b): why for b, why in (missing or {}).items()},
         {Backend(b): tuple(d) for b, d in (dtypes or {}).items()},
     )
     _LOADERS[op] = {Backend(b): fn for b, fn in (loaders or {}).items()}
+    _LIMITS[op] = {Backend(b): fn for b, fn in (limits or {}).items()}
 
 
 def ensure_loaded(op: str, backend: Union[str, Backend]) -> Optional[str]:
@@ -147,8 +153,9 @@ def _env_backend() -> Backend:
         ) from None
 
 
-def _supports(backend: Backend, device: torch.device, dtype: torch.dtype, op: Optional[str] = None) -> Optional[str]:
-    """None if `backend` can run `op` on this device and dtype, else why not."""
+def _supports(backend: Backend, device: torch.device, dtype: torch.dtype, op: Optional[str] = None,
+              call: Optional[Dict[str, object]] = None) -> Optional[str]:
+    """None if `backend` can run `op` on this device and dtype (and, given `call`, these sizes), else why not."""
     why = _status(op, load=backend)[backend]
     if why is not None:
         return why
@@ -161,13 +168,18 @@ def _supports(backend: Backend, device: torch.device, dtype: torch.dtype, op: Op
     dtypes = _OPS[op][1].get(backend, _DTYPES[backend]) if op in _OPS else _DTYPES[backend]
     if dtype not in dtypes:
         return f"does not take {dtype}"
+    limit = _LIMITS.get(op, {}).get(backend)
+    if limit is not None and call:
+        return limit(call)
     return None
 
 
 def select(
-    backend: Union[str, Backend, None], device: torch.device, dtype: torch.dtype, *, op: str = "op"
+    backend: Union[str, Backend, None], device: torch.device, dtype: torch.dtype, *, op: str = "op", **call: object
 ) -> Backend:
-    """Choose the backend for one call of `op` on tensors of `device` and `dtype`.
+    """Choose the backend for one call of `op` on tensors of `device` and `dtype`; `call` holds the sizes an op's
+    backend limits judge (see :func:`register_op`), so automatic selection passes over a backend whose kernels
+    would refuse the call.
 
     Raises ValueError when a forced backend cannot run the call (naming the reason).
     """
@@ -181,13 +193,13 @@ def select(
                 f"{op}: backend={backend!r} is not one of {[b.value for b in Backend]}"
             ) from None
     if chosen is not Backend.AUTO:
-        why = _supports(chosen, device, dtype, op)
+        why = _supports(chosen, device, dtype, op, call)
         if why is not None:
             raise ValueError(f"{op}: backend={chosen.value!r} cannot run this call: {why}")
         return chosen
     order = (Backend.CUDA, Backend.TRITON) if device.type == "cuda" else (Backend.CPP,)
     for candidate in order:
-        if _supports(candidate, device, dtype, op) is None:
+        if _supports(candidate, device, dtype, op, call) is None:
             return candidate
     return Backend.REFERENCE
 

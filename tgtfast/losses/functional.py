@@ -137,7 +137,7 @@ def ptloss(
         _check_teacher_probs(t, valid)
     eta = _as_coeffs(coeffs, k, s.device, dtype)
 
-    chosen = select(backend, s.device, dtype, op="ptloss")
+    chosen = select(backend, s.device, dtype, op="ptloss", orders=eta.shape[0] if eta.numel() else 0)
     if chosen is Backend.REFERENCE:
         if valid is not None:  # ignored rows must not leak NaN/inf into the gradient
             s, t = reference.mask_rows(s, t, valid, teacher_is_logits)

@@ -400,7 +400,7 @@ def fused_linear_ptloss(
 
     acc = torch.float64 if torch.float64 in (hs.dtype, ht.dtype) else torch.float32
     eta = _as_coeffs(coeffs, v, device, acc)
-    chosen = select(backend, device, acc, op="fused_linear_ptloss")
+    chosen = select(backend, device, acc, op="fused_linear_ptloss", orders=eta.shape[0] if eta.numel() else 0)
     grad_on = torch.is_grad_enabled()
     need = (
         grad_on and hs.requires_grad,

@@ -15,7 +15,7 @@ incoming gradient is applied out of place, so backward may run more than once on
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -94,9 +94,18 @@ if _ext.ext is not None:
     _register_autograd("tgtfast::ptloss_fwd")
     IMPL["cpp"] = IMPL["cuda"] = torch.ops.tgtfast.ptloss_fwd.default
 
-register_op(OP, missing=_missing, loaders={Backend.TRITON: _load_triton})
+CUDA_MAX_ORDERS = 32  # kMaxOrders of csrc/cuda/ptloss_cuda.h: the CUDA kernel keeps the coefficients in registers
+
+
+def _cuda_orders(call) -> Optional[str]:
+    m = int(call.get("orders", 0))
+    return None if m <= CUDA_MAX_ORDERS else f"its kernel takes at most {CUDA_MAX_ORDERS} orders M, got {m}"
+
+
+_LIMITS = {Backend.CUDA: _cuda_orders}
+register_op(OP, missing=_missing, loaders={Backend.TRITON: _load_triton}, limits=_LIMITS)
 # tgtfast.fused_linear_ptloss runs this op on chunks of logits it computes itself: the same backends.
-register_op("fused_linear_ptloss", missing=_missing, loaders={Backend.TRITON: _load_triton})
+register_op("fused_linear_ptloss", missing=_missing, loaders={Backend.TRITON: _load_triton}, limits=_LIMITS)
 
 
 def impl(backend: Backend) -> Callable:
