@@ -3,7 +3,7 @@ Fused PTLoss: loss and gradients in one kernel
 ==============================================
 
 This kernel computes, for every row of a batch of ``N`` rows with ``K`` classes, the perturbed
-distillation loss of DESIGN.md section 1::
+distillation loss of docs/design.md, "PTLoss"::
 
     L = sum_j p_j (log p_j - log q_j) + sum_j p_j h_j,      h_j = sum_{m=1..M} eta[m, j] (1 - q_j)^m
 
@@ -24,7 +24,7 @@ Why fused?
 Written with PyTorch ops (``tgtfast.reference.ptloss_rows``) the loss materialises ``log_softmax``,
 ``softmax``, ``1 - q``, one power per order ``m`` and their products: a dozen or more tensors of size
 ``[N, K]`` written and read back, ``O(M)`` of them kept alive by autograd for a backward pass that
-reads and writes as many again (DESIGN.md measured 8.2 GB peak at ``N = 4096, K = 32000, M = 5``).
+reads and writes as many again (8.2 GB peak measured at ``N = 4096, K = 32000, M = 5``).
 The gradient of a loss is a function of the two inputs and a few per-row scalars, so this kernel
 computes it during the forward pass (as Liger-Kernel does for cross-entropy): the op reads ``student``
 and ``teacher`` once from memory and writes the gradient(s) once, plus ``N`` floats of loss. That is
@@ -80,6 +80,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from .noise import launch_guard
 
 __all__ = ["ptloss_fwd", "launch_config"]
 
@@ -401,25 +403,26 @@ def ptloss_fwd(student: torch.Tensor, teacher: torch.Tensor, coeffs: torch.Tenso
     per_class = coeffs.dim() == 2
     block_n, block_k, num_warps = launch_config(n_rows, n_classes)
     grid = (triton.cdiv(n_rows, block_n),)
-    torch.library.wrap_triton(_ptloss_kernel)[grid](
-        student, teacher,
-        coeffs if n_orders > 0 else student,  # dummy pointer (never read when M == 0)
-        valid.view(torch.uint8) if valid is not None else student,  # dummy pointer (never read)
-        loss, grad_s, grad_t,
-        n_rows, n_classes,
-        1.0 / float(temperature), 1.0 - float(label_smoothing), float(label_smoothing) / n_classes,
-        math.log(float(label_smoothing) / n_classes) if float(label_smoothing) > 0.0 else 0.0,
-        float(grad_scale),
-        M=n_orders,
-        PER_CLASS=per_class,
-        HAS_VALID=valid is not None,
-        TEACHER_LOGITS=bool(teacher_is_logits),
-        SMOOTH=float(label_smoothing) > 0.0,
-        NEED_GS=bool(need_grad_student),
-        NEED_GT=bool(need_grad_teacher),
-        SINGLE_TILE=n_classes <= block_k,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=num_warps,
-    )
+    with launch_guard(student):
+        torch.library.wrap_triton(_ptloss_kernel)[grid](
+            student, teacher,
+            coeffs if n_orders > 0 else student,  # dummy pointer (never read when M == 0)
+            valid.view(torch.uint8) if valid is not None else student,  # dummy pointer (never read)
+            loss, grad_s, grad_t,
+            n_rows, n_classes,
+            1.0 / float(temperature), 1.0 - float(label_smoothing), float(label_smoothing) / n_classes,
+            math.log(float(label_smoothing) / n_classes) if float(label_smoothing) > 0.0 else 0.0,
+            float(grad_scale),
+            M=n_orders,
+            PER_CLASS=per_class,
+            HAS_VALID=valid is not None,
+            TEACHER_LOGITS=bool(teacher_is_logits),
+            SMOOTH=float(label_smoothing) > 0.0,
+            NEED_GS=bool(need_grad_student),
+            NEED_GT=bool(need_grad_teacher),
+            SINGLE_TILE=n_classes <= block_k,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            num_warps=num_warps,
+        )
     return loss, grad_s, grad_t
