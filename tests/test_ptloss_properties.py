@@ -2,7 +2,7 @@
 
 Hypothesis draws shapes, coefficients (shared or per class), every reduction, targets with random ignore masks
 and a random ignore_index, logit or probability teachers, float32 and bfloat16 inputs, peaked softmaxes (logit
-scales up to 100), probability rows with subnormal entries, temperatures in [0.05, 20] and label smoothing in
+scales up to 100), probability rows with subnormal entries, temperatures from the smallest allowed (6e-20) to 20 and label smoothing in
 [0, 0.5]. Derandomized and small, so the file runs in well under a minute.
 
 Tolerances follow the error a float32 computation can make on the given (rounded) inputs: the logits divided by
@@ -123,7 +123,8 @@ def check(s, t, coeffs, target, *, temperature, smoothing, reduction, teacher_is
     with_target=st.booleans(),
     ignore_index=st.sampled_from(IGNORE_INDICES),
     ignore_frac=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
-    temperature=st.one_of(st.sampled_from([0.05, 20.0, 1.0]), st.floats(0.05, 20.0)),
+    # down to the smallest allowed temperature (tgtfast.validation.temperature: 2**64 / T finite in float32)
+    temperature=st.one_of(st.sampled_from([0.05, 20.0, 1.0, 1e-3, 1e-8, 6e-20]), st.floats(0.05, 20.0)),
     # smoothing below float32's normal range (rounded there to 0 or a subnormal): test_tiny_label_smoothing
     smoothing=st.one_of(st.sampled_from([0.0, 0.5, 1e-30]), st.floats(1e-30, 0.5)),
     reduction=st.sampled_from(REDUCTIONS),
@@ -191,3 +192,15 @@ def test_tiny_label_smoothing(smoothing):
     t = torch.tensor([[4.0, -4.0]])
     check(s, t, None, None, temperature=0.05, smoothing=smoothing, reduction="sum", teacher_is_logits=True,
           ignore_index=-100)
+
+
+@pytest.mark.parametrize("temperature", [1e-3, 1e-8, 6e-20])
+@pytest.mark.parametrize("teacher_is_logits", [True, False])
+def test_extreme_temperatures_within_the_allowed_range(temperature, teacher_is_logits):
+    """Down to the smallest temperature tgtfast accepts, the C++ loss and gradients stay within float32's error
+    of the float64 oracle (which grows like max|logits| / T), with targets and every reduction."""
+    for reduction in REDUCTIONS:
+        s, t, coeffs, target = build(5, 13, 2, False, 1.0, 3.0, teacher_is_logits, False, torch.float32, True, 7,
+                                     0.3, 5)
+        check(s, t, coeffs, target, temperature=temperature, smoothing=0.1, reduction=reduction,
+              teacher_is_logits=teacher_is_logits, ignore_index=7)
