@@ -74,3 +74,18 @@ def test_student_row_all_minus_inf_that_is_ignored_is_zero(backend):
     loss = tgtfast.ptloss(s, t, target=torch.tensor([0, -100, 2]), backend=backend)
     loss.backward()
     assert torch.isfinite(loss) and torch.equal(s.grad[1], torch.zeros(7)) and torch.isfinite(s.grad).all()
+
+
+@pytest.mark.parametrize("content,match", [
+    ("not json", "is not JSON"),
+    ('{"x": 1}', 'has no "coeffs" entry'),
+    ("[1, 2]", 'has no "coeffs" entry'),
+    (None, "cannot read"),
+])
+def test_ptloss_coefficient_file_errors_name_the_file(tmp_path, content, match):
+    """PTLoss(FILE) reads the JSON `tgtfast coeffs --out` writes; anything else is a clear error, not a traceback."""
+    path = tmp_path / "c.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=f"coeffs: .*c.json.* {match}"):
+        tgtfast.PTLoss(path)

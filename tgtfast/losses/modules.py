@@ -15,6 +15,20 @@ from tgtfast.losses import functional as F
 __all__ = ["PTLoss", "KDLoss", "LabelSmoothedKDLoss", "FocalKDLoss"]
 
 
+def _coeffs_from_json(path: Union[str, os.PathLike]):
+    """The ``"coeffs"`` entry of a JSON file written by ``tgtfast coeffs`` (or ``CoefficientSearchResult.save``)."""
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except OSError as exc:
+        raise ValueError(f"coeffs: cannot read {os.fspath(path)!r}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"coeffs: {os.fspath(path)!r} is not JSON ({exc})") from None
+    if not isinstance(data, dict) or "coeffs" not in data:
+        raise ValueError(f"coeffs: {os.fspath(path)!r} has no \"coeffs\" entry (write it with `tgtfast coeffs --out`)")
+    return data["coeffs"]
+
+
 def coeffs_buffer(coeffs, classes: str = "K") -> torch.Tensor:
     """The module-owned copy of PTLoss coefficients: ``[M]`` or ``[M, <classes>]`` floats (empty for ``None``)."""
     if coeffs is None:
@@ -71,8 +85,7 @@ class PTLoss(_DistillLoss):
         V.real("label_smoothing", label_smoothing, low=0.0, high=1.0)
         self.label_smoothing = float(label_smoothing)
         if isinstance(coeffs, (str, os.PathLike)):
-            with open(coeffs) as fh:
-                coeffs = json.load(fh)["coeffs"]
+            coeffs = _coeffs_from_json(coeffs)
         self.register_buffer("coeffs", coeffs_buffer(coeffs, "K"))
 
     def forward(self, student_logits: torch.Tensor, teacher: torch.Tensor,
