@@ -80,7 +80,7 @@ def test_student_row_all_minus_inf_that_is_ignored_is_zero(backend):
     ("not json", "is not JSON"),
     ('{"x": 1}', 'has no "coeffs" entry'),
     ("[1, 2]", 'has no "coeffs" entry'),
-    (None, "cannot read"),
+    (None, "cannot be read"),
 ])
 def test_ptloss_coefficient_file_errors_name_the_file(tmp_path, content, match):
     """PTLoss(FILE) reads the JSON `tgtfast coeffs --out` writes; anything else is a clear error, not a traceback."""

@@ -21,7 +21,7 @@ def _coeffs_from_json(path: Union[str, os.PathLike]):
         with open(path) as fh:
             data = json.load(fh)
     except OSError as exc:
-        raise ValueError(f"coeffs: cannot read {os.fspath(path)!r}: {exc.strerror or exc}") from None
+        raise ValueError(f"coeffs: {os.fspath(path)!r} cannot be read ({exc.strerror or exc})") from None
     except ValueError as exc:
         raise ValueError(f"coeffs: {os.fspath(path)!r} is not JSON ({exc})") from None
     if not isinstance(data, dict) or "coeffs" not in data:
