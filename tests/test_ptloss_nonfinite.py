@@ -89,3 +89,12 @@ def test_ptloss_coefficient_file_errors_name_the_file(tmp_path, content, match):
         path.write_text(content)
     with pytest.raises(ValueError, match=f"coeffs: .*c.json.* {match}"):
         tgtfast.PTLoss(path)
+
+
+def test_integer_tensor_as_coeffs_is_refused():
+    """`ptloss(s, t, labels)` once used the labels as perturbation coefficients; an integer tensor is refused."""
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    with pytest.raises(TypeError, match=r"coeffs must be a floating tensor, got torch.int64 \(class labels go in "):
+        tgtfast.ptloss(s, t, torch.tensor([0, 1, 2, 3]))
+    # plain Python numbers are coefficients, as documented
+    torch.testing.assert_close(tgtfast.ptloss(s, t, [1, 2]), tgtfast.ptloss(s, t, [1.0, 2.0]))

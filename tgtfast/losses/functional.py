@@ -47,8 +47,8 @@ def _as_coeffs(coeffs: CoeffsLike, k: int, device: torch.device, dtype: torch.dt
         except (TypeError, ValueError) as exc:
             raise TypeError(f"coeffs must be a tensor or a (nested) sequence of numbers: {exc}") from None
         coeffs = coeffs.to(device)
-    if not (coeffs.is_floating_point() or coeffs.dtype in (torch.int32, torch.int64)):
-        raise TypeError(f"coeffs must be a floating tensor, got {coeffs.dtype}")
+    if not coeffs.is_floating_point():  # an integer tensor here is most likely class labels given positionally
+        raise TypeError(f"coeffs must be a floating tensor, got {coeffs.dtype} (class labels go in target=...)")
     if coeffs.device != device:
         raise ValueError(f"coeffs is on {coeffs.device} but student_logits is on {device}")
     if coeffs.dim() not in (1, 2):
