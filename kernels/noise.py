@@ -27,6 +27,7 @@ fills a tensor with the noise; both walk the flat tensor in blocks of ``BLOCK`` 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -43,10 +44,23 @@ _LIBDEVICE = tl.constexpr(libdevice is not None and os.environ.get("TRITON_INTER
 _BLOCK = 1024
 
 
+def launch_guard(t):
+    """The context every Triton launch wrapper of ``tgtfast.kernels`` runs its launches in: ``torch.cuda.device``
+    of the tensor's (or ``torch.device``'s) device when it is a CUDA device, so that a kernel given tensors on
+    ``cuda:1`` launches on ``cuda:1`` whatever the current device is; a null context otherwise (CPU tensors
+    under ``TRITON_INTERPRET=1``) and while ``torch.compile`` traces (Inductor emits its own device guard)."""
+    device = t.device if isinstance(t, torch.Tensor) else torch.device(t)
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
 @triton.jit
 def _philox4x32_10(c0, c1, c2, c3, seed):
     """Philox4x32-10 of uint32 counter words under the 64-bit key ``seed`` (an integer scalar)."""
-    s = tl.to_tensor(seed).to(tl.int64)
+    # ``seed`` is an i32/i64 scalar tensor, or a constexpr when the launcher specialised it (seed == 1): adding
+    # it to an int64 zero gives an int64 scalar in every case (Triton 3.6 has no tl.to_tensor).
+    s = tl.full((), 0, tl.int64) + seed
     k0 = s & 0xFFFFFFFF
     k1 = (s >> 32) & 0xFFFFFFFF
     for r in tl.static_range(10):
@@ -108,10 +122,11 @@ def _launch(z, out: torch.Tensor, sigma: float, seed: int, offset: int) -> None:
     if numel == 0:
         return
     grid = (triton.cdiv(numel, _BLOCK),)
-    torch.library.wrap_triton(_perturb_kernel)[grid](
-        z if z is not None else out, out, numel, float(sigma), int(seed), int(offset),
-        HAS_Z=z is not None, F64=out.dtype == torch.float64, BLOCK=_BLOCK,
-    )
+    with launch_guard(out):
+        torch.library.wrap_triton(_perturb_kernel)[grid](
+            z if z is not None else out, out, numel, float(sigma), int(seed), int(offset),
+            HAS_Z=z is not None, F64=out.dtype == torch.float64, BLOCK=_BLOCK,
+        )
 
 
 def perturb(z: torch.Tensor, sigma: float, seed: int, offset: int) -> torch.Tensor:
