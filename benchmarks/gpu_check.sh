@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The GPU half of tgtfast in one command, for a fresh machine with an NVIDIA GPU, CUDA torch (2.11+) and Triton
+# (3.6+) already installed and nothing to download:
+#
+#   1. build and install the extension with its CUDA kernels for the GPU present only (TGTFAST_CUDA_ARCHS from its
+#      compute capability; ninja, ccache when found),
+#   2. run the whole test suite (the GPU tests skip everywhere else),
+#   3. run `tgtfast bench` for every op and backend at the GPU shapes (and PTLoss in bf16),
+#   4. write everything under OUT: build.log, tests.log, bench-*.json/txt, summary.txt (device, per step status and
+#      time, the benchmark tables), printed again at the end.
+#
+# Every step prints its start and its time and the script goes on after a failure, so a run cut short still
+# leaves what it measured. Budget: about 8 minutes on an H100-class GPU (the build is most of it).
+#
+#   benchmarks/gpu_check.sh [--out DIR] [--python PY] [--quick] [--dry-run]
+#
+# --quick     small shapes only (a smoke run in a minute or two)
+# --dry-run   on any machine: print every step as it would run and exercise the parts that need no GPU (the
+#             Triton interpreter at tiny shapes, the benchmark entry points, the summary); CI runs this
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=gpu-check
+PY=python3
+QUICK=0
+DRY=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) OUT="$2"; shift 2 ;;
+    --python) PY="$2"; shift 2 ;;
+    --quick) QUICK=1; shift ;;
+    --dry-run) DRY=1; shift ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "gpu_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+FAILED=0
+T0=$(date +%s)
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# step NAME LOG COMMAND...: run it (or, with --dry-run, print it), time it, record the status
+step() {
+  local name="$1" log="$2"; shift 2
+  local start; start=$(date +%s)
+  echo "== [$(( start - T0 )) s] $name: $*"
+  if [ "$DRY" = 1 ] && [ "$name" != "dry" ]; then
+    note "$(printf '%-28s %s' "$name" "would run: $*")"
+    return 0
+  fi
+  "$@" > "$log" 2>&1
+  local rc=$?
+  tail -n 15 "$log"
+  local status=ok
+  [ $rc -ne 0 ] && { status="FAILED (rc=$rc, see $log)"; FAILED=$((FAILED + 1)); }
+  note "$(printf '%-28s %-6s %5d s' "$name" "$status" "$(( $(date +%s) - start ))")"
+}
+
+DEVICE=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')")
+ARCH=$("$PY" -c "import torch; c = torch.cuda.get_device_capability(0) if torch.cuda.is_available() else (9, 0); print(f'{c[0]}{c[1]}')")
+note "device: $DEVICE; torch $("$PY" -c 'import torch; print(torch.__version__, torch.version.cuda)'); triton $("$PY" -c 'import triton; print(triton.__version__)' 2>/dev/null || echo none); arch sm_$ARCH"
+if [ "$DRY" = 0 ] && [ "$DEVICE" = none ]; then
+  echo "gpu_check: no CUDA device visible (use --dry-run to check the script on a CPU machine)" >&2
+  exit 2
+fi
+command -v ccache > /dev/null && export CC="ccache gcc" CXX="ccache g++"
+
+# 1. build and install (no network: --no-index --no-deps; the machine's torch is the one built against)
+step build "$OUT/build.log" env TGTFAST_CUDA_ARCHS="$ARCH" MAX_JOBS="$(nproc)" \
+  "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
+step backends "$OUT/backends.log" "$PY" -m tgtfast.cli backends --op ptloss
+
+# 2. every test; on the GPU machine the CUDA and compiled-Triton tests run
+step tests "$OUT/tests.log" timeout 300 "$PY" -m pytest tests -q -rfE -p no:cacheprovider
+
+# 3. benchmarks: every op, every backend available, at the GPU shapes (tgtfast/bench/registry.py)
+if [ "$QUICK" = 1 ]; then
+  step bench-ptloss "$OUT/bench-ptloss.txt" "$PY" -m tgtfast.cli bench --op ptloss --shape N=1024 K=32000 \
+    --repeats 5 --json "$OUT/bench-ptloss.json"
+  step bench-tgt "$OUT/bench-tgt.txt" "$PY" -m tgtfast.cli bench --op tgt tgt_bwd --repeats 5 \
+    --json "$OUT/bench-tgt.json"
+else
+  step bench-all "$OUT/bench-all.txt" timeout 240 "$PY" -m tgtfast.cli bench --op ptloss proxy tgt tgt_bwd \
+    fused_linear --json "$OUT/bench-all.json"
+  # 2**31 logits: the eager reference would need tens of GB for its autograd graph, so the kernels only
+  step bench-ptloss-bf16 "$OUT/bench-ptloss-bf16.txt" timeout 120 "$PY" -m tgtfast.cli bench --op ptloss \
+    --shape N=16384 K=131072 --dtype bfloat16 --impl cuda triton --json "$OUT/bench-ptloss-bf16.json"
+  step bench-fused-bf16 "$OUT/bench-fused-bf16.txt" timeout 120 "$PY" -m tgtfast.cli bench --op fused_linear \
+    --shape N=8192 H=4096 V=128256 --dtype bfloat16 --json "$OUT/bench-fused-bf16.json"
+fi
+
+if [ "$DRY" = 1 ]; then
+  # What needs no GPU, at tiny shapes: the Triton kernels through the interpreter and the bench entry point.
+  step dry "$OUT/dry-tests.log" env TRITON_INTERPRET=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_softmax.py \
+    tests/test_ops.py
+  step dry "$OUT/dry-bench.txt" env TRITON_INTERPRET=1 "$PY" -m tgtfast.cli bench --op ptloss \
+    --shape N=16 K=512 M=2 --repeats 1 --no-memory --json "$OUT/dry-bench.json"
+fi
+
+note "total $(( $(date +%s) - T0 )) s, $FAILED step(s) failed"
+echo
+echo "== summary ($SUMMARY)"
+cat "$SUMMARY"
+for f in "$OUT"/bench-*.txt "$OUT"/dry-bench.txt; do [ -f "$f" ] && { echo; echo "== $f"; cat "$f"; }; done
+[ "$FAILED" = 0 ]
