@@ -16,17 +16,23 @@ fit one tile and otherwise with an online max/sum pass followed by a pass that r
 ``h2``. Only ``x_new``, the soft labels (and the perturbed latents when asked) reach global memory.
 ``chain_path`` tells which path a chain takes; ``launch_counts`` counts the calls of each.
 
-Every other chain (other depths, or a hidden width above ``FUSED_MAX_WIDTH``) runs
+Every other chain (other depths, a hidden width above ``FUSED_MAX_WIDTH``, or one-kernel tiles beyond the
+shared-memory budget, e.g. ``d`` and ``H1`` both in 129-256) runs
 with one launch per layer: a tiled ``tl.dot`` GEMM whose epilogue adds the bias and applies the activation
 in registers. The first layer draws the noise while it loads its input tile (Philox4x32-10 and Box-Muller of
 ``csrc/philox.h``, through ``kernels/noise.py:normal_at``), so no noise tensor exists; the decoder's last layer also writes ``x_new`` in the output dtype; the labeler's last layer
-applies the tempered softmax in its epilogue when a program's tile spans all ``K`` classes (``K <= 1024``),
+applies the tempered softmax in its epilogue when a program's tile spans all ``K`` classes (``K <= 512``),
 otherwise a row-softmax kernel follows. Between layers the float32 activations of a chunk of rows go through
 global memory (mostly L2 for the chunk sizes used) on this per-layer path.
 
 Float32 dots use ``input_precision="tf32x3"`` on the GPU (float32 accuracy from tensor cores); bfloat16 inputs
 are read as float32. Activation codes are the positions in ``tgtfast.reference.ACTIVATIONS``
 (``tgtfast/ops/mlp_chain.py``).
+
+Block sizes are fixed per shape (``linear_config``, ``fused_launch_config``) so that every configuration fits
+the shared memory of an A100 (163 KiB per block; H100/H200 allow 227 KiB) and ptxas spills little or nothing;
+a chain whose one-kernel tiles would not fit takes the per-layer path. Launches run under the device guard of
+``z``'s device (``kernels/noise.py:launch_guard``).
 """
 
 from __future__ import annotations
@@ -38,11 +44,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise import normal_at
+from .noise import launch_guard, normal_at
 
 # Rows processed per pass of the whole chain: bounds the float32 hidden buffers to _CHUNK x (widest layer).
 _CHUNK_ROWS = 16384
-_SOFTMAX_FUSED_MAX = 1024
+# Widest labeler output whose softmax the last layer's epilogue applies (one [16, N] tile per program). A
+# 1024-wide tile spills ~600-700 bytes per thread with 8 warps (the tf32x3 dot holds three copies of its operands)
+# and ~200-300 with 16, and takes 132 KiB of shared memory with three stages (Triton 3.6 and 3.9; ~193 KiB under
+# 3.8, beyond an A100): wider rows take the row kernel.
+_SOFTMAX_FUSED_MAX = 512
+
+# Shared memory a kernel may use: the per-block opt-in limit of sm_80 (A100: 163 KiB), the smallest of the GPUs
+# the package targets (sm_90: 227 KiB). The configurations below are chosen to fit it on every target;
+# tests/test_triton_compile.py compiles each of them ahead of time for sm_80 and sm_90 and checks.
+SMEM_LIMITS = {80: 163 * 1024, 90: 227 * 1024}
+SMEM_BUDGET = min(SMEM_LIMITS.values())
 
 
 @triton.jit
@@ -139,13 +155,18 @@ def _softmax_kernel(x_ptr, out_ptr, N, inv_t, BLOCK: tl.constexpr):
     for c0 in range(0, N, BLOCK):
         u = tl.load(x_ptr + row * N + c0 + cols, mask=c0 + cols < N, other=float("-inf")) * inv_t
         m_new = tl.maximum(m, tl.max(u, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(u - m_new), axis=0)
+        # While every logit so far is -inf, exp(m - m_new) would be exp(-inf + inf) = NaN: shift by 0 instead.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(u - m_ref), axis=0)
         m = m_new
     for c0 in range(0, N, BLOCK):
         ok = c0 + cols < N
         u = tl.load(x_ptr + row * N + c0 + cols, mask=ok, other=float("-inf")) * inv_t
         tl.store(out_ptr + row * N + c0 + cols, _to_dtype(tl.exp(u - m) / s, out_ptr.dtype.element_ty), mask=ok)
 
+
+# Columns per step of the row softmax that follows a labeler wider than _SOFTMAX_FUSED_MAX.
+_ROW_SOFTMAX_BLOCK = 1024
 
 # Widths held whole in registers by the fused chain kernel (d, H1 and H2 after padding to a power of two >= 16).
 FUSED_MAX_WIDTH = 256
@@ -246,7 +267,10 @@ def _chain_kernel(
             lg = _logits_chunk(h2, w4_ptr, b4_ptr, rk, k_ok, rh2, h2_ok, H2, ACT4, HAS_B4, PRECISION)
             u = tl.where(k_ok[None, :], lg * inv_t, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(u, axis=1))
-            s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(u - m_new[:, None]), axis=1)
+            # While a row's logits so far are all -inf (a first chunk of -inf logits), exp(m_i - m_new) would be
+            # exp(-inf + inf) = NaN: shift by 0 instead (kernels/softmax.py does the same).
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_i = s_i * tl.exp(m_i - m_ref) + tl.sum(tl.exp(u - m_ref[:, None]), axis=1)
             m_i = m_new
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + rk0
@@ -267,13 +291,7 @@ def _linear(x, w, b, act, out_dtype_buf, *, noise=None, pert=None, softmax_t=Non
     N = w.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=torch.float32)
     fuse_softmax = softmax_t is not None
-    if fuse_softmax:
-        block_n = max(16, triton.next_power_of_2(N))
-        block_m = 16
-    else:
-        block_n = 64 if N >= 64 else max(16, triton.next_power_of_2(N))
-        block_m = 64 if M >= 64 else max(16, triton.next_power_of_2(M))
-    block_k = 32 if K >= 32 and block_n <= 256 else 16
+    block_m, block_n, block_k, num_warps, num_stages = linear_config(M, N, K, fuse_softmax)
     sigma, seed, offset = noise if noise is not None else (0.0, 0, 0)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     precision = "ieee" if _interpret() else "tf32x3"
@@ -283,10 +301,31 @@ def _linear(x, w, b, act, out_dtype_buf, *, noise=None, pert=None, softmax_t=Non
         M, N, K, float(sigma), seed, int(offset) + row0 * K, 1.0 / softmax_t if fuse_softmax else 1.0,
         ACT=int(act), HAS_BIAS=b is not None, NOISE=noise is not None, WRITE_PERT=pert is not None,
         WRITE_OUT=out_dtype_buf is not None, SOFTMAX=fuse_softmax, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=8 if fuse_softmax and block_n >= 512 else 4,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )
     return y
+
+
+def linear_config(M: int, N: int, K: int, fuse_softmax: bool) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of ``_linear_kernel`` for an [M, K] x [N, K]^T layer.
+
+    With the fused softmax (``N <= _SOFTMAX_FUSED_MAX``) a program's tile spans all N columns: 16 rows, 4 warps
+    up to 256 columns and 8 at 512, 16-deep K steps past 64 columns (32-deep ones make ptxas spill with the
+    tf32x3 dot). Otherwise 64 x 64 tiles with 16-deep K steps. At most ~70 KiB of shared memory (3 stages) and no
+    spills on sm_80 / sm_90 (tests/test_triton_compile.py)."""
+    if fuse_softmax:
+        block_n = max(16, triton.next_power_of_2(N))
+        if block_n > _SOFTMAX_FUSED_MAX:
+            raise ValueError(f"fused softmax over {N} columns: at most {_SOFTMAX_FUSED_MAX}")
+        block_m = 16
+        block_k = 32 if K >= 32 and block_n <= 64 else 16
+        num_warps = 8 if block_n >= 512 else 4
+    else:
+        block_n = 64 if N >= 64 else max(16, triton.next_power_of_2(N))
+        block_m = 64 if M >= 64 else max(16, triton.next_power_of_2(M))
+        block_k = 16
+        num_warps = 4
+    return block_m, block_n, block_k, num_warps, 3
 
 
 def _fused_block(n: int) -> int:
@@ -295,42 +334,71 @@ def _fused_block(n: int) -> int:
 
 def _fused_config(widest: int) -> Tuple[int, int, int, int, int]:
     """(BLOCK_M, num_warps, num_stages, BLOCK_X, BLOCK_K) of the fused chain for the widest padded width held in
-    registers, chosen so that ptxas (sm_80, sm_90) spills nothing up to 64 columns and a few dozen bytes at 256.
-    Tiles of 128 or 256 columns take 16 rows, 16-column x chunks and no multi-buffering of the weight tiles
-    (about 100 KB of shared memory: within the 164 KB of an A100)."""
+    registers. Tiles of 128 or 256 columns take 16 rows, 16-column x chunks and no multi-buffering of the weight
+    tiles. ``fused_launch_config`` completes it (class chunk, one or two softmax passes) and refuses the shapes
+    whose tiles would not fit the shared-memory budget; tests/test_triton_compile.py measures every resulting
+    configuration (at most 96 KiB of shared memory, spills of at most a few dozen bytes on sm_80 / sm_90)."""
     if widest >= 128:
         return 16, 8, 1, 16, 64
     return 32, 8, 2, 64, 128
 
 
+def fused_smem_bytes(block_m: int, block_d: int, block_h1: int, block_h2: int, block_x: int, block_k: int,
+                     num_stages: int) -> int:
+    """Upper bound on the shared memory of ``_chain_kernel``: every float32 ``tl.dot`` operand tile staged at
+    once (the weight tiles of the x loop ``num_stages`` times). Triton reuses shared memory between the
+    phases, so the real figure is lower (tests/test_triton_compile.py measures it); the dominant term is the
+    first layer's [BLOCK_D, BLOCK_H1] weight tile (256 KiB at 256 x 256, beyond any GPU)."""
+    loop = block_h1 * block_x + block_x * block_h2 + block_m * block_x
+    return 4 * (block_d * block_h1 + block_m * (block_d + block_h1 + block_h2) + max(1, num_stages) * loop
+                + block_h2 * block_k)
+
+
+def fused_launch_config(widths: Sequence[int]) -> Optional[dict]:
+    """The constexpr blocks and launch options of ``_chain_kernel`` for a chain of layer ``widths``
+    ``[d, H1, X, H2, K]``, or None when the one-kernel chain cannot take it: a padded width above
+    ``FUSED_MAX_WIDTH``, or tiles whose shared memory (``fused_smem_bytes``) would exceed ``SMEM_BUDGET``."""
+    d, h1, _, h2, k = widths
+    block_d, block_h1, block_h2 = _fused_block(d), _fused_block(h1), _fused_block(h2)
+    widest = max(block_d, block_h1, block_h2)
+    if widest > FUSED_MAX_WIDTH:
+        return None
+    block_m, num_warps, num_stages, block_x, block_k = _fused_config(widest)
+    # at least 32 classes per chunk: a [16, 16] logits tile over 8 warps makes ptxas spill ~7 KB per thread
+    block_k = min(block_k, max(32, _fused_block(k)))
+    if fused_smem_bytes(block_m, block_d, block_h1, block_h2, block_x, block_k, num_stages) > SMEM_BUDGET:
+        return None
+    # With a 256-wide h1 the one-pass softmax spills ~200-300 bytes per thread (ptxas, sm_80 / sm_90) where the
+    # two-pass one, which recomputes the few logits, spills nothing.
+    one_pass = k <= block_k and block_h1 < 256
+    return dict(BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2, BLOCK_X=block_x,
+                BLOCK_K=block_k, ONE_PASS=one_pass, num_warps=num_warps, num_stages=num_stages)
+
+
 def chain_path(widths: Sequence[int], num_decoder_layers: int) -> str:
     """``"fused"`` when the chain given by its layer ``widths`` ``[d, H1, X, H2, K]`` (input width, then each
     layer's output width) is run by the one-kernel chain (a 2-layer decoder and a 2-layer labeler whose hidden
-    widths and ``d`` fit ``FUSED_MAX_WIDTH`` after padding), else ``"per_layer"``."""
+    widths and ``d`` fit ``FUSED_MAX_WIDTH`` after padding and whose tiles fit the shared-memory budget, see
+    ``fused_launch_config``), else ``"per_layer"``."""
     if len(widths) != 5 or num_decoder_layers != 2:
         return "per_layer"
-    d, h1, _, h2, _ = widths
-    return "fused" if max(_fused_block(d), _fused_block(h1), _fused_block(h2)) <= FUSED_MAX_WIDTH else "per_layer"
+    return "fused" if fused_launch_config(widths) is not None else "per_layer"
 
 
 def _chain_fused(z, weights, biases, activations, x_new, soft, pert, sigma, seed, offset, temperature):
     """One launch of ``_chain_kernel`` over all rows (z contiguous, weights float32 [out, in] contiguous)."""
     B, d = z.shape
     h1, x_w, h2, k = (w.shape[0] for w in weights)
-    block_d, block_h1, block_h2 = _fused_block(d), _fused_block(h1), _fused_block(h2)
-    block_m, num_warps, num_stages, block_x, block_k = _fused_config(max(block_d, block_h1, block_h2))
-    block_k = min(block_k, _fused_block(k))
+    cfg = fused_launch_config([d, h1, x_w, h2, k])
     b = [bi if bi is not None else weights[0] for bi in biases]
-    _chain_kernel[(triton.cdiv(B, block_m),)](
+    _chain_kernel[(triton.cdiv(B, cfg["BLOCK_M"]),)](
         z, weights[0], b[0], weights[1], b[1], weights[2], b[2], weights[3], b[3], x_new, soft,
         pert if pert is not None else x_new,
         B, d, h1, x_w, h2, k, float(sigma), seed, int(offset), 1.0 / temperature,
         ACT1=int(activations[0]), ACT2=int(activations[1]), ACT3=int(activations[2]), ACT4=int(activations[3]),
         HAS_B1=biases[0] is not None, HAS_B2=biases[1] is not None, HAS_B3=biases[2] is not None,
-        HAS_B4=biases[3] is not None, WRITE_PERT=pert is not None, ONE_PASS=k <= block_k,
-        PRECISION="ieee" if _interpret() else "tf32x3",
-        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_H1=block_h1, BLOCK_H2=block_h2, BLOCK_X=block_x,
-        BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        HAS_B4=biases[3] is not None, WRITE_PERT=pert is not None,
+        PRECISION="ieee" if _interpret() else "tf32x3", **cfg,
     )
 
 
@@ -342,21 +410,30 @@ def mlp_chain_fwd(
     """Same contract as ``torch.ops.tgtfast.mlp_chain_fwd`` (see csrc/ops.cpp); ``seed`` may be given signed
     (two's complement of the 64-bit key). Weights and biases are contiguous float32 on z's device."""
     B, d = z.shape
-    L = len(weights)
     seed = seed % (1 << 64)
     seed = seed - (1 << 64) if seed >= (1 << 63) else seed  # normal_at takes the 64-bit key as a signed int
     z = z.contiguous()
     x_new = torch.empty((B, weights[num_decoder_layers - 1].shape[0]), device=z.device, dtype=z.dtype)
     soft = torch.empty((B, weights[-1].shape[0]), device=z.device, dtype=z.dtype)
     pert = torch.empty((B, d), device=z.device, dtype=torch.float32) if need_perturbed else z.new_empty((0,))
-    K = weights[-1].shape[0]
     if B == 0:
         return x_new, soft, pert
+    with launch_guard(z):
+        _chain_launches(z, weights, biases, activations, num_decoder_layers, sigma, seed, offset, temperature,
+                        need_perturbed, x_new, soft, pert)
+    return x_new, soft, pert
+
+
+def _chain_launches(z, weights, biases, activations, num_decoder_layers, sigma, seed, offset, temperature,
+                    need_perturbed, x_new, soft, pert):
+    B, d = z.shape
+    L = len(weights)
+    K = weights[-1].shape[0]
     if chain_path([d] + [w.shape[0] for w in weights], num_decoder_layers) == "fused":
         launch_counts["fused"] += 1
         _chain_fused(z, weights, biases, activations, x_new, soft, pert if need_perturbed else None,
                      sigma, seed, offset, temperature)
-        return x_new, soft, pert
+        return
     launch_counts["per_layer"] += 1
     for row0 in range(0, B, _CHUNK_ROWS):
         rows = slice(row0, min(B, row0 + _CHUNK_ROWS))
@@ -374,5 +451,4 @@ def mlp_chain_fwd(
             if last and not fuse:
                 n = h.shape[0]
                 if n:
-                    _softmax_kernel[(n,)](h, soft[rows], K, 1.0 / temperature, BLOCK=1024)
-    return x_new, soft, pert
+                    _softmax_kernel[(n,)](h, soft[rows], K, 1.0 / temperature, BLOCK=_ROW_SOFTMAX_BLOCK)

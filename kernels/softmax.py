@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .noise import launch_guard
+
 _MAX_TILE = 4096
 
 
@@ -47,6 +49,15 @@ def _softmax_kernel(x_ptr, y_ptr, K, inv_t, ACC: tl.constexpr, BLOCK: tl.constex
             tl.store(y_ptr + base + k0 + cols, (tl.exp(u - m) * inv_s).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def softmax_block(k: int) -> int:
+    """Columns per tile of ``_softmax_kernel`` for rows of ``k`` elements."""
+    return min(triton.next_power_of_2(k), _MAX_TILE)
+
+
+def softmax_num_warps(block: int) -> int:
+    return 4 if block <= 1024 else 8
+
+
 def temperature_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``softmax(logits / temperature)`` over the last dimension (the ``tgtfast::temperature_softmax`` op)."""
     x = logits.contiguous()
@@ -55,10 +66,11 @@ def temperature_softmax(logits: torch.Tensor, temperature: float) -> torch.Tenso
     rows = x.numel() // k if k > 0 else 0
     if rows == 0:
         return y
-    block = min(triton.next_power_of_2(k), _MAX_TILE)
+    block = softmax_block(k)
     acc = tl.float64 if x.dtype == torch.float64 else tl.float32
-    torch.library.wrap_triton(_softmax_kernel)[(rows,)](
-        x, y, k, 1.0 / float(temperature), ACC=acc, BLOCK=block, SINGLE=k <= block,
-        num_warps=4 if block <= 1024 else 8,
-    )
+    with launch_guard(x):
+        torch.library.wrap_triton(_softmax_kernel)[(rows,)](
+            x, y, k, 1.0 / float(temperature), ACC=acc, BLOCK=block, SINGLE=k <= block,
+            num_warps=softmax_num_warps(block),
+        )
     return y
