@@ -98,3 +98,19 @@ def test_integer_tensor_as_coeffs_is_refused():
         tgtfast.ptloss(s, t, torch.tensor([0, 1, 2, 3]))
     # plain Python numbers are coefficients, as documented
     torch.testing.assert_close(tgtfast.ptloss(s, t, [1, 2]), tgtfast.ptloss(s, t, [1.0, 2.0]))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_probability_rows_are_checked_only_where_not_ignored(backend):
+    """Padding rows of a probability teacher may hold anything; a bad row that counts is refused."""
+    s, t = torch.randn(3, 5), torch.softmax(torch.randn(3, 5), -1)
+    t[1] = float("nan")
+    loss = tgtfast.ptloss(s, t, teacher_is_logits=False, target=torch.tensor([0, 7, 2]), ignore_index=7,
+                          backend=backend)
+    assert torch.isfinite(loss)
+    for row, bad, match in ((0, -0.5, "be non-negative"), (2, 0.7, "sum to 1"), (0, float("inf"), "be finite")):
+        t2 = t.clone()
+        t2[row, 0] = bad
+        with pytest.raises(ValueError, match=f"teacher probabilities .*must {match}"):
+            tgtfast.ptloss(s, t2, teacher_is_logits=False, target=torch.tensor([0, 7, 2]), ignore_index=7,
+                           backend=backend)

@@ -158,23 +158,30 @@ def target(value: Any, lead: torch.Size, lead_of: str, device_of: str, device: t
     return value
 
 
-def probabilities(name: str, p: torch.Tensor, *, tol: Optional[float] = None, what: str = "") -> None:
+def probabilities(name: str, p: torch.Tensor, *, tol: Optional[float] = None, what: str = "",
+                  rows: Optional[torch.Tensor] = None) -> None:
     """Rows of ``p`` (last dimension) are finite, non-negative and sum to 1 within ``tol`` (by default 1e-3
-    in float32/float64 and 2e-2 in half precision). Skipped while torch.compile traces."""
+    in float32/float64 and 2e-2 in half precision); ``rows``, a boolean mask over the rows (the leading
+    dimensions), limits the check to those rows. Skipped while torch.compile traces."""
     if is_compiling() or p.numel() == 0:
         return
     label = f"{name}{what}"
     if tol is None:
         tol = 1e-3 if p.dtype in (torch.float32, torch.float64) else 2e-2
     d = p.detach()
-    if not bool(torch.isfinite(d).all()):
+    sums = d.sum(-1, dtype=torch.float64)  # NaN or inf anywhere in a row makes its float64 sum non-finite
+    keep = None if rows is None else rows.reshape(sums.shape)
+
+    def found(bad: torch.Tensor) -> bool:
+        return bool((bad if keep is None else bad & keep).any())
+
+    if found(~torch.isfinite(sums)):
         raise ValueError(f"{label} must be finite (found NaN or inf)")
-    if bool((d < 0).any()):
+    if found((d < 0).any(-1)):
         raise ValueError(f"{label} must be non-negative")
-    sums = d.sum(-1, dtype=torch.float64)
-    bad = (sums - 1).abs() > tol
-    if bool(bad.any()):
-        worst = float(sums[bad].flatten()[0])
+    off = (sums - 1).abs() > tol
+    if found(off):
+        worst = float(sums[off if keep is None else off & keep].flatten()[0])
         raise ValueError(f"{label} must sum to 1 over the last dimension; found a row summing to {worst:.6g}")
 
 

@@ -63,9 +63,7 @@ def _as_coeffs(coeffs: CoeffsLike, k: int, device: torch.device, dtype: torch.dt
 def _check_teacher_probs(teacher: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
     """Rows of probabilities that are not ignored: finite, non-negative, summing to 1 (ignored rows may hold
     anything, padding included)."""
-    if valid is not None and not V.is_compiling():
-        teacher = teacher[valid]
-    V.probabilities("teacher", teacher, what=" probabilities (teacher_is_logits=False)")
+    V.probabilities("teacher", teacher, what=" probabilities (teacher_is_logits=False)", rows=valid)
 
 
 def ptloss(
@@ -115,7 +113,9 @@ def ptloss(
     Returns:
         The reduced loss (0-dim, float32; float64 for float64 inputs), or per-row losses for ``"none"``.
 
-    NaN or infinite logits in a row make that row's loss and gradient NaN (they are not masked); rows that
+    Non-finite logits behave alike on every backend: a teacher logit of ``-inf`` is a class the teacher gives no
+    mass (the row stays finite), as is a student ``-inf`` where the teacher gives no mass; NaN or ``+inf`` in a
+    row, or a student row of all ``-inf``, make that row's loss and gradients NaN (they are not masked). Rows that
     are ignored stay 0 whatever their values.
     """
     _check_logits_pair(student_logits, teacher)
@@ -175,10 +175,8 @@ def ptloss(
 def _clamp_value_min0(rows: torch.Tensor) -> torch.Tensor:
     """``max(rows, 0)`` in value, with the gradient of ``rows`` unchanged (a constant correction): the fused op's
     incoming gradient stays the reduction's own, so its backward stays copy-free."""
-    with torch.no_grad():
-        r = rows.detach()
-        fix = torch.where(r < 0, -r, torch.zeros((), dtype=r.dtype, device=r.device))
-        fix = torch.where(torch.isfinite(r), fix, torch.zeros((), dtype=r.dtype, device=r.device))
+    with torch.no_grad():  # -r where r < 0 and finite; 0 elsewhere (NaN and -inf rows stay as they are)
+        fix = rows.detach().neg().clamp_min(0).nan_to_num(nan=0.0, posinf=0.0)
     return rows + fix
 
 
