@@ -56,28 +56,28 @@ from tgtfast.train import TGTConfig, TGTHistory, TGTTrainer  # noqa: E402
 # Former module paths, kept so ``tgtfast.functional.ptloss`` and the like still resolve after ``import tgtfast``.
 from tgtfast import _mlp, functional, trainer  # noqa: E402,F401
 
-# Imported on first use: the fused linear loss marks itself a graph break for torch.compile, which imports
-# torch._dynamo (about a second); ``import tgtfast`` stays within half a second of ``import torch``.
-_LAZY = {
-    "fused_linear_ptloss": "tgtfast.losses.fused_linear",
-    "FusedLinearPTLoss": "tgtfast.losses.fused_linear",
-    "fused_linear": None,
-}
+# The fused linear loss is imported on first use (see tgtfast/losses/__init__.py): it marks itself a graph break
+# for torch.compile, which imports torch._dynamo (about a second); ``import tgtfast`` stays within half a second
+# of ``import torch``.
+_LAZY = ("fused_linear_ptloss", "FusedLinearPTLoss", "fused_linear")
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    if name not in _LAZY:
+        raise AttributeError(f"module 'tgtfast' has no attribute {name!r}")
+    if name == "fused_linear":
+        import tgtfast.fused_linear as value  # the former module path
+    else:
+        from tgtfast import losses
 
-        module = importlib.import_module(_LAZY[name] or f"tgtfast.{name}")
-        value = module if _LAZY[name] is None else getattr(module, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'tgtfast' has no attribute {name!r}")
+        value = getattr(losses, name)
+    globals()[name] = value
+    return value
 
 
 def __dir__():
     return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 
