@@ -18,6 +18,16 @@ TORCH_LIBRARY(tgtfast, m) {
       "ptloss_fwd(Tensor student, Tensor teacher, Tensor coeffs, Tensor? valid, float temperature, "
       "float label_smoothing, bool teacher_is_logits, bool need_grad_student, bool need_grad_teacher, "
       "float grad_scale=1.0) -> (Tensor, Tensor, Tensor)");
+  // [divergence] Per-row divergence between p = softmax(teacher * teacher_scale) and q = softmax(student *
+  // student_scale) and its gradients in one pass; math: docs/design.md, section "Divergences". `divergence` is the
+  // index in tgtfast.reference.DIVERGENCES; param_a / param_b its parameters (jsd: beta; skew_kl and
+  // skew_reverse_kl: alpha; symmetric_kl: lam; ab_divergence: alpha, beta; taid: t). The scales are
+  // logit_scale / temperature. Returns (loss [N], grad_student [N, K] or [0], grad_teacher [N, K] or [0]), the
+  // gradients of grad_scale * loss[n] wrt the unscaled logits; rows where valid is false are 0.
+  m.def(
+      "divergence_fwd(Tensor student, Tensor teacher, Tensor? valid, int divergence, float param_a, "
+      "float param_b, float student_scale, float teacher_scale, bool need_grad_student, bool need_grad_teacher, "
+      "float grad_scale=1.0) -> (Tensor, Tensor, Tensor)");
   // [noise] TGT latent perturbation z + sigma * noise(seed, offset); math: docs/design.md, section "Noise".
   // The noise (csrc/common/philox.h) is never stored. The seed's 64 bits travel as a (two's complement) int;
   // offset >= 0 is the stream index of element 0.

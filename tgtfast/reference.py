@@ -8,6 +8,7 @@ validates before dispatch. This module imports nothing of the package; the math 
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -27,6 +28,10 @@ __all__ = [
     "mlp_forward",
     "perturb_decode_label_mlp",
     "fused_linear_ptloss",
+    "DIVERGENCES",
+    "divergence_rows",
+    "distill_loss",
+    "fused_linear_distill_loss",
 ]
 
 
@@ -148,6 +153,149 @@ def fused_linear_ptloss(
         t = F.linear(teacher_hidden, teacher_weight, teacher_bias)
     loss = kd_weight * ptloss(s, t, coeffs, temperature=temperature, reduction=reduction,
                               ignore_index=ignore_index, target=target)
+    if ce_weight != 0:
+        valid = target != ignore_index
+        rows = F.cross_entropy(s.flatten(0, -2), torch.where(valid, target, 0).flatten(), reduction="none")
+        loss = loss + ce_weight * reduce_rows(rows.reshape(valid.shape), valid, reduction)
+    return loss
+
+
+# The divergences of tgtfast.distill_loss; their order is the kernels' code (divergence_fwd's `divergence`).
+DIVERGENCES = (
+    "forward_kl",
+    "reverse_kl",
+    "jsd",
+    "skew_kl",
+    "skew_reverse_kl",
+    "tvd",
+    "symmetric_kl",
+    "ab_divergence",
+    "taid",
+)
+
+
+def _xlog(x: torch.Tensor, log_x: torch.Tensor, log_y: torch.Tensor) -> torch.Tensor:
+    """``x (log x - log y)`` elementwise, 0 where ``x = 0`` whatever ``y`` (0 log 0 = 0), with finite gradients there."""
+    has = x > 0
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    return torch.where(has, x * torch.where(has, log_x - log_y, zero), zero)
+
+
+def _log_mix(w: float, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """``log(w a + (1 - w) b)`` from log a and log b, for w in [0, 1]."""
+    la = math.log(w) if w > 0 else -math.inf
+    lb = math.log1p(-w) if w < 1 else -math.inf
+    return torch.logaddexp(log_a + la, log_b + lb)
+
+
+def divergence_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    divergence: str = "forward_kl",
+    *,
+    param_a: float = 0.0,
+    param_b: float = 0.0,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-row divergence ``[..., K] -> [...]`` between ``p = softmax(teacher / T)`` and ``q = softmax(student / T)``
+    (docs/design.md, "Divergences"). ``param_a``/``param_b`` are the divergence's parameters in the kernels' order:
+    jsd: beta; skew_kl, skew_reverse_kl: alpha; symmetric_kl: lam; ab_divergence: alpha, beta; taid: t."""
+    a, b = float(param_a), float(param_b)
+    lq = torch.log_softmax(student_logits / temperature, dim=-1)
+    if divergence == "taid":  # the target interpolates from the (detached) student to the teacher
+        mixed = (1.0 - a) * (student_logits / temperature).detach() + a * (teacher_logits / temperature)
+        lp = torch.log_softmax(mixed, dim=-1)
+    else:
+        lp = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    p, q = lp.exp(), lq.exp()
+    if divergence in ("forward_kl", "taid") or (divergence == "jsd" and a == 0.0):
+        terms = _xlog(p, lp, lq)
+    elif divergence == "reverse_kl" or (divergence == "jsd" and a == 1.0):
+        terms = _xlog(q, lq, lp)
+    elif divergence == "jsd":
+        lm = _log_mix(a, lp, lq)
+        terms = a * _xlog(p, lp, lm) + (1.0 - a) * _xlog(q, lq, lm)
+    elif divergence == "skew_kl":
+        terms = _xlog(p, lp, _log_mix(a, lp, lq))
+    elif divergence == "skew_reverse_kl":
+        terms = _xlog(q, lq, _log_mix(1.0 - a, lp, lq))
+    elif divergence == "tvd":
+        terms = 0.5 * (p - q).abs()
+    elif divergence == "symmetric_kl":
+        terms = (1.0 - a) * _xlog(p, lp, lq) + a * _xlog(q, lq, lp)
+    elif divergence == "ab_divergence":
+        terms = _ab_terms(a, b, lp, lq)
+    else:
+        raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+    return terms.sum(-1)
+
+
+def _ab_terms(alpha: float, beta: float, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """Cichocki's alpha-beta divergence elementwise, with its limit forms where alpha, beta or alpha + beta is 0."""
+    if alpha != 0 and beta != 0 and alpha + beta != 0:
+        s = alpha + beta
+        return -(torch.exp(alpha * lp + beta * lq) - alpha / s * torch.exp(s * lp) - beta / s * torch.exp(s * lq)) / (
+            alpha * beta
+        )
+    if alpha != 0 and beta == 0:
+        pa = torch.exp(alpha * lp)
+        return (alpha * _xlog(pa, lp, lq) - pa + torch.exp(alpha * lq)) / alpha**2
+    if alpha == 0 and beta != 0:
+        qb = torch.exp(beta * lq)
+        return (beta * _xlog(qb, lq, lp) - qb + torch.exp(beta * lp)) / beta**2
+    if alpha != 0:  # alpha = -beta
+        return (alpha * (lq - lp) + torch.exp(alpha * (lp - lq)) - 1.0) / alpha**2
+    return 0.5 * (lp - lq) ** 2
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    divergence: str = "forward_kl",
+    *,
+    param_a: float = 0.0,
+    param_b: float = 0.0,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    target: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Reference of :func:`tgtfast.distill_loss` with the parameters in the kernels' order (see
+    :func:`divergence_rows`); ignored rows are left out, reductions as :func:`reduce_rows`."""
+    valid = None if target is None else target != ignore_index
+    if valid is not None:
+        student_logits, teacher_logits = mask_rows(student_logits, teacher_logits, valid, True)
+    rows = divergence_rows(
+        student_logits, teacher_logits, divergence, param_a=param_a, param_b=param_b, temperature=temperature
+    )
+    return reduce_rows(rows, valid, reduction)
+
+
+def fused_linear_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    divergence: str = "forward_kl",
+    *,
+    param_a: float = 0.0,
+    param_b: float = 0.0,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    target: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+) -> torch.Tensor:
+    """Reference of :func:`tgtfast.fused_linear_distill_loss`: materialise both logits, then
+    ``kd_weight * distill_loss(s, t) + ce_weight * cross_entropy(s, target)`` (teacher detached)."""
+    s = F.linear(student_hidden, student_weight, student_bias)
+    with torch.no_grad():
+        t = F.linear(teacher_hidden, teacher_weight, teacher_bias)
+    loss = kd_weight * distill_loss(s, t, divergence, param_a=param_a, param_b=param_b, temperature=temperature,
+                                    reduction=reduction, ignore_index=ignore_index, target=target)
     if ce_weight != 0:
         valid = target != ignore_index
         rows = F.cross_entropy(s.flatten(0, -2), torch.where(valid, target, 0).flatten(), reduction="none")
