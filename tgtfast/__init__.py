@@ -1,5 +1,8 @@
 """tgtfast: fused kernels for knowledge distillation.
 
+* :func:`distill_loss`: the divergences distillation uses (forward/reverse KL, JSD, skew KL, TVD, symmetric KL,
+  AB-divergence, TAID), fused, with one module each (:class:`JSDLoss`, ...), and
+  :func:`fused_linear_distill_loss` from hidden states.
 * :func:`ptloss` / :class:`PTLoss`: the perturbed KL distillation loss, loss and gradients in one fused pass
   (C++ on the CPU, CUDA and Triton on the GPU), with the baselines :class:`KDLoss`,
   :class:`LabelSmoothedKDLoss` and :class:`FocalKDLoss`.
@@ -43,6 +46,20 @@ from tgtfast import ops, reference  # noqa: E402  (ops registers every op with t
 from tgtfast._ext import empty_cpu_cache  # noqa: E402
 from tgtfast.dispatch import Backend, backends  # noqa: E402
 from tgtfast.losses import FocalKDLoss, KDLoss, LabelSmoothedKDLoss, PTLoss, focal_kd_loss, kd_loss, ptloss  # noqa: E402,I001
+from tgtfast.losses import (  # noqa: E402
+    DIVERGENCES,
+    ABDivergenceLoss,
+    DistillLoss,
+    ForwardKLLoss,
+    JSDLoss,
+    ReverseKLLoss,
+    SkewKLLoss,
+    SkewReverseKLLoss,
+    SymmetricKLLoss,
+    TAIDLoss,
+    TVDLoss,
+    distill_loss,
+)
 from tgtfast.proxy import (  # noqa: E402
     CoefficientSearchResult,
     deviation,
@@ -59,7 +76,8 @@ from tgtfast import _mlp, functional, trainer  # noqa: E402,F401
 # The fused linear loss is imported on first use (see tgtfast/losses/__init__.py): it marks itself a graph break
 # for torch.compile, which imports torch._dynamo (about a second); ``import tgtfast`` stays within half a second
 # of ``import torch``.
-_LAZY = ("fused_linear_ptloss", "FusedLinearPTLoss", "fused_linear")
+_LAZY = ("fused_linear_ptloss", "FusedLinearPTLoss", "fused_linear", "fused_linear_distill_loss",
+         "FusedLinearDistillLoss")
 
 
 def __getattr__(name: str):
@@ -85,6 +103,20 @@ __all__ = [
     "Backend",
     "backends",
     "empty_cpu_cache",
+    "distill_loss",
+    "DIVERGENCES",
+    "DistillLoss",
+    "ForwardKLLoss",
+    "ReverseKLLoss",
+    "JSDLoss",
+    "SkewKLLoss",
+    "SkewReverseKLLoss",
+    "TVDLoss",
+    "SymmetricKLLoss",
+    "ABDivergenceLoss",
+    "TAIDLoss",
+    "fused_linear_distill_loss",
+    "FusedLinearDistillLoss",
     "ptloss",
     "kd_loss",
     "focal_kd_loss",

@@ -1,5 +1,8 @@
-"""Distillation losses (docs/design.md, "PTLoss" and "Fused linear PTLoss").
+"""Distillation losses (docs/design.md, "PTLoss", "Divergences" and "Fused linear PTLoss").
 
+* :mod:`tgtfast.losses.divergence`: :func:`distill_loss`, the divergence menu (forward/reverse KL, JSD, skew KL,
+  TVD, symmetric KL, AB-divergence, TAID) on the fused ``divergence`` op; one module per divergence in
+  :mod:`tgtfast.losses.divergence_modules`;
 * :mod:`tgtfast.losses.functional`: :func:`ptloss`, :func:`kd_loss`, :func:`focal_kd_loss` (validation, the
   backend call through :mod:`tgtfast.ops.ptloss`, the reduction);
 * :mod:`tgtfast.losses.modules`: the ``nn.Module`` forms :class:`PTLoss`, :class:`KDLoss`,
@@ -8,10 +11,37 @@
   states without materialising the logits.
 """
 
+from tgtfast.losses.divergence import DIVERGENCES, distill_loss
+from tgtfast.losses.divergence_modules import (
+    ABDivergenceLoss,
+    DistillLoss,
+    ForwardKLLoss,
+    JSDLoss,
+    ReverseKLLoss,
+    SkewKLLoss,
+    SkewReverseKLLoss,
+    SymmetricKLLoss,
+    TAIDLoss,
+    TVDLoss,
+)
 from tgtfast.losses.functional import focal_kd_loss, kd_loss, ptloss
 from tgtfast.losses.modules import FocalKDLoss, KDLoss, LabelSmoothedKDLoss, PTLoss, coeffs_buffer
 
 __all__ = [
+    "distill_loss",
+    "DIVERGENCES",
+    "DistillLoss",
+    "ForwardKLLoss",
+    "ReverseKLLoss",
+    "JSDLoss",
+    "SkewKLLoss",
+    "SkewReverseKLLoss",
+    "TVDLoss",
+    "SymmetricKLLoss",
+    "ABDivergenceLoss",
+    "TAIDLoss",
+    "fused_linear_distill_loss",
+    "FusedLinearDistillLoss",
     "ptloss",
     "kd_loss",
     "focal_kd_loss",
@@ -28,7 +58,8 @@ __all__ = [
 
 def __getattr__(name: str):
     # imported on first use: it imports torch._dynamo (see tgtfast/__init__.py)
-    if name in ("fused_linear_ptloss", "FusedLinearPTLoss", "default_chunk_size", "fused_linear"):
+    if name in ("fused_linear_ptloss", "FusedLinearPTLoss", "default_chunk_size", "fused_linear",
+                "fused_linear_distill_loss", "FusedLinearDistillLoss"):
         import importlib
 
         module = importlib.import_module("tgtfast.losses.fused_linear")
