@@ -56,12 +56,21 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # imported on first use: it imports torch._dynamo (see tgtfast/__init__.py)
-    if name in ("fused_linear_ptloss", "FusedLinearPTLoss", "default_chunk_size", "fused_linear",
-                "fused_linear_distill_loss", "FusedLinearDistillLoss"):
-        import importlib
+_LAZY = {
+    "fused_linear_ptloss": "fused_linear",
+    "FusedLinearPTLoss": "fused_linear",
+    "default_chunk_size": "chunked",
+    "fused_linear_distill_loss": "fused_linear_distill",
+    "FusedLinearDistillLoss": "fused_linear_distill",
+}
 
-        module = importlib.import_module("tgtfast.losses.fused_linear")
-        return module if name == "fused_linear" else getattr(module, name)
+
+def __getattr__(name: str):
+    # imported on first use: they import torch._dynamo (see tgtfast/__init__.py)
+    import importlib
+
+    if name in ("fused_linear", "fused_linear_distill", "chunked"):
+        return importlib.import_module(f"tgtfast.losses.{name}")
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"tgtfast.losses.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'tgtfast.losses' has no attribute {name!r}")

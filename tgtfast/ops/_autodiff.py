@@ -15,7 +15,10 @@ import torch.autograd.forward_ad as _fwad
 __all__ = ["check_no_tangent", "check_no_double_backward"]
 
 
-def check_no_tangent(op: str, *tensors) -> None:
+_WAY_OUT = "pass backend='reference' for differentiable PyTorch math"
+
+
+def check_no_tangent(op: str, *tensors, way_out: str = _WAY_OUT) -> None:
     """Raise if any tensor carries a forward-mode tangent (``torch.func.jvp`` or ``forward_ad.make_dual``)."""
     if torch.compiler.is_compiling():
         return
@@ -23,14 +26,14 @@ def check_no_tangent(op: str, *tensors) -> None:
         if isinstance(x, torch.Tensor) and _fwad.unpack_dual(x).tangent is not None:
             raise RuntimeError(
                 f"{op}: forward-mode AD (torch.func.jvp / torch.autograd.forward_ad) has no formula through the fused "
-                "kernels; pass backend='reference' for differentiable PyTorch math"
+                f"kernels; {way_out}"
             )
 
 
-def check_no_double_backward(op: str) -> None:
+def check_no_double_backward(op: str, way_out: str = _WAY_OUT) -> None:
     """Raise inside a fused op's backward when autograd records it (``create_graph=True``)."""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         raise RuntimeError(
             f"{op}: double backward (create_graph=True) is not supported by the fused kernels, whose gradients are "
-            "computed in one pass; pass backend='reference' for differentiable PyTorch math"
+            f"computed in one pass; {way_out}"
         )
