@@ -53,10 +53,15 @@ def _samples(device):
         "mlp_chain_fwd": [(z, ws, bs, acts, 2, 0.4, 123, 5, 1.5, True), (z, ws, bs, acts, 2, 0.4, 123, 5, 1.5, False)],
         "mlp_chain_bwd": [(z, ws, bs, acts, 2, 1.5, torch.randn(6, 6, generator=g), torch.randn(6, 5, generator=g)),
                           (z, ws, bs, acts, 2, 1.5, None, torch.randn(6, 5, generator=g))],
+        "divergence_fwd": [
+            (rnd(n, k, grad=True), rnd(n, k, grad=True), None, 2, 0.3, 0.0, 0.5, 0.5, True, True, 0.2),
+            (rnd(n, k, dtype=torch.float64, grad=True), rnd(n, k, dtype=torch.float64),
+             torch.tensor([True, False, True, True, False]), 7, 0.4, -0.2, 1.0, 2.0, True, False, 1.0),
+        ],
         "proxy_solve": [(probs, eta, 50, 1e-10)],
         "proxy_deviation_sums": [(probs, eta, torch.tensor([0, 2, 1, 1, 0]), 50, 1e-10)],
     }
-    for name in ("ptloss_fwd", "perturb", "latent_noise_", "temperature_softmax"):
+    for name in ("ptloss_fwd", "divergence_fwd", "perturb", "latent_noise_", "temperature_softmax"):
         out[name + ("triton_" if name.endswith("_") else "_triton")] = [
             tuple(a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.float64 and name != "latent_noise_"
                   else a for a in args) for args in out[name]
@@ -76,6 +81,8 @@ def test_opcheck(name):
     samples = _samples("cpu").get(name)
     assert samples, f"no sample for tgtfast::{name}"
     op = getattr(torch.ops.tgtfast, name).default
+    if name == "divergence_fwd" and tgtfast.backends("divergence")["cpp"] != "available":
+        pytest.skip("the extension was built without the divergence kernel")
     kw = {}
     if name.endswith("_triton") or name.endswith("triton_"):
         if not torch.cuda.is_available():  # the interpreter cannot run a kernel on fake tensors

@@ -10,6 +10,7 @@ from tgtfast import reference
 from tgtfast import validation as V
 from tgtfast.dispatch import Backend, select
 from tgtfast.ops import ptloss as _ptloss_op
+from tgtfast.ops._autodiff import check_no_tangent
 
 __all__ = ["ptloss", "kd_loss", "focal_kd_loss"]
 
@@ -148,6 +149,7 @@ def ptloss(
         rows = rows.to(eta.dtype)
         out = reference.reduce_rows(rows, valid, reduction)
     else:
+        check_no_tangent("tgtfast.ptloss", student_logits, teacher)
         grad_on = torch.is_grad_enabled()
         weight = _row_weight(reduction, s.shape[0], valid)  # None: the row count stays on the device
         rows, _, _ = _ptloss_op.impl(chosen)(

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from tgtfast import _ext, reference
 from tgtfast.dispatch import Backend, register_op
+from tgtfast.ops._autodiff import check_no_double_backward
 
 __all__ = ["OP", "FWD", "BWD", "MlpChain", "MLP_DTYPES"]
 
@@ -150,6 +151,7 @@ class MlpChain(torch.autograd.Function):
     def backward(ctx, g_x, g_soft):
         if g_x is None and g_soft is None:
             return (None,) * 8
+        check_no_double_backward("tgtfast.perturb_decode_label")
         pert, *outputs = ctx.saved_tensors
         g_x, g_soft = (None if g is None else g.to(torch.float32).contiguous() for g in (g_x, g_soft))
         bwd = BWD.get(ctx.backend)

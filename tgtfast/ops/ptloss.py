@@ -21,6 +21,7 @@ import torch
 
 from tgtfast import _ext
 from tgtfast.dispatch import Backend, register_op
+from tgtfast.ops._autodiff import check_no_double_backward
 
 OP = "ptloss"
 
@@ -61,6 +62,7 @@ def row_factor(g_loss: torch.Tensor, grad_scale: float):
 def _backward(ctx, g_loss, _g_grad_s, _g_grad_t):
     if g_loss is None:
         return (None,) * 10
+    check_no_double_backward("tgtfast.ptloss")
     grad_s, grad_t = ctx.saved_tensors
     factor = row_factor(g_loss, ctx.grad_scale)
     out = []

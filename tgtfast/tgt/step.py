@@ -29,6 +29,7 @@ from tgtfast.dispatch import Backend, select
 from tgtfast.ops import mlp_chain as _chain_op
 from tgtfast.ops import noise as _noise_op
 from tgtfast.ops import softmax as _softmax_op
+from tgtfast.ops._autodiff import check_no_tangent
 from tgtfast.tgt.teacher import (
     Layer,
     TeacherPart,
@@ -127,6 +128,7 @@ def perturb(z: torch.Tensor, sigma: float, seed: int, offset: int = 0, *, backen
     chosen = select(backend, z.device, z.dtype, op="perturb")
     if chosen is Backend.REFERENCE:
         return reference.perturb(z, sigma, seed, offset)
+    check_no_tangent("tgtfast.perturb", z)
     return _noise_op.PERTURB[chosen.value](z, sigma, _seed_arg(seed), offset)
 
 
@@ -146,6 +148,7 @@ def temperature_softmax(logits: torch.Tensor, temperature: float = 1.0, *, backe
     chosen = select(backend, logits.device, logits.dtype, op="temperature_softmax")
     if chosen is Backend.REFERENCE:
         return reference.temperature_softmax(logits, temperature)
+    check_no_tangent("tgtfast.temperature_softmax", logits)
     return _softmax_op.IMPL[chosen.value](logits, temperature)
 
 
@@ -331,4 +334,5 @@ def _run_chain(z: Tensor, dec: List[Layer], lab: List[Layer], sigma: float, seed
     if chosen is Backend.REFERENCE:
         return reference.perturb_decode_label_mlp(z, dec, lab, sigma=sigma, seed=seed, offset=offset,
                                                   temperature=temperature)
+    check_no_tangent("tgtfast.perturb_decode_label", z)
     return _chain_op.MlpChain.apply(z.contiguous(), chosen.value, dec, lab, sigma, seed, offset, temperature)
