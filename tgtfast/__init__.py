@@ -57,6 +57,7 @@ from tgtfast.losses import (  # noqa: E402
     SkewReverseKLLoss,
     SymmetricKLLoss,
     TAIDLoss,
+    TAIDSchedule,
     TVDLoss,
     distill_loss,
 )
@@ -115,6 +116,7 @@ __all__ = [
     "SymmetricKLLoss",
     "ABDivergenceLoss",
     "TAIDLoss",
+    "TAIDSchedule",
     "fused_linear_distill_loss",
     "FusedLinearDistillLoss",
     "ptloss",

@@ -14,9 +14,11 @@ IMPLS = ("eager", "compile", "cpp", "triton", "cuda")
 GPU_BACKENDS = ("cuda", "triton")
 
 
-def backend_impls(device: torch.device, dtype: torch.dtype, supported: Sequence[str]) -> List[str]:
-    """The package's backends among `supported` that can run tensors of `device` and `dtype` here."""
-    avail = tgtfast.backends()
+def backend_impls(device: torch.device, dtype: torch.dtype, supported: Sequence[str],
+                  op: Optional[str] = None) -> List[str]:
+    """The package's backends among `supported` that can run tensors of `device` and `dtype` here (for `op`, a
+    name of the dispatcher, when given)."""
+    avail = tgtfast.backends(op) if op else tgtfast.backends()
     out = []
     for name in supported:
         if avail.get(name) != "available":

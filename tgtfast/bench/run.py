@@ -72,7 +72,7 @@ def run_case(op: str, shape: Dict[str, int], dtype: torch.dtype = torch.float32,
     for r in rows:
         r["speedup_vs_eager"] = by["eager"]["median_s"] / r["median_s"] if "eager" in by else None
         r["speedup_vs_compile"] = by["compile"]["median_s"] / r["median_s"] if "compile" in by else None
-        if op == "ptloss" and r.get("peak_extra_bytes") is not None:
+        if op in ("ptloss", "divergence") and r.get("peak_extra_bytes") is not None:
             r["peak_extra_vs_logits"] = r["peak_extra_bytes"] / (shape["N"] * shape["K"] * torch.finfo(dtype).bits // 8)
     return {
         "op": op,

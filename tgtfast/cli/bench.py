@@ -73,6 +73,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 shapes = [{**s, "K": k} for s in shapes[:1] for k in args.k]
         swept = SWEEPS[op][1] if args.sweep else None
         shapes = [{**s, **{k: v for k, v in override.items() if k in s and k != swept}} for s in shapes]
+        shapes = list({tuple(sorted(s.items())): s for s in shapes}.values())  # an override may make them equal
         for shape in shapes:
             res = run_case(op, shape, dtype, device, 7 if args.repeats is None else args.repeats,
                            not args.no_memory, args.impl)
