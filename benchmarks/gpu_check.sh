@@ -90,6 +90,12 @@ else
     --shape N=16384 K=131072 --dtype bfloat16 --impl cuda triton --json "$OUT/bench-ptloss-bf16.json"
   step bench-fused-bf16 "$OUT/bench-fused-bf16.txt" timeout 120 "$PY" -m tgtfast.cli bench --op fused_linear \
     --shape N=8192 H=4096 V=128256 --dtype bfloat16 --json "$OUT/bench-fused-bf16.json"
+  # every divergence of the menu (D = 0..8), the kernels against eager only (compiling nine references takes minutes)
+  step bench-divergence "$OUT/bench-divergence.txt" timeout 150 "$PY" -m tgtfast.cli bench --op divergence \
+    --shape N=4096 K=32000 --impl eager cuda triton --repeats 5 --no-memory --json "$OUT/bench-divergence.json"
+  step bench-divergence-bf16 "$OUT/bench-divergence-bf16.txt" timeout 120 "$PY" -m tgtfast.cli bench \
+    --op divergence --shape N=16384 K=131072 --dtype bfloat16 --impl cuda triton --repeats 3 --no-memory \
+    --json "$OUT/bench-divergence-bf16.json"
 fi
 
 if [ "$DRY" = 1 ]; then
@@ -98,11 +104,13 @@ if [ "$DRY" = 1 ]; then
     tests/test_ops.py
   step dry "$OUT/dry-bench.txt" env TRITON_INTERPRET=1 "$PY" -m tgtfast.cli bench --op ptloss \
     --shape N=16 K=512 M=2 --repeats 1 --no-memory --json "$OUT/dry-bench.json"
+  step dry "$OUT/dry-bench-divergence.txt" env TRITON_INTERPRET=1 "$PY" -m tgtfast.cli bench --op divergence \
+    --shape N=16 K=512 D=2 --impl eager cpp triton --repeats 1 --no-memory --json "$OUT/dry-bench-divergence.json"
 fi
 
 note "total $(( $(date +%s) - T0 )) s, $FAILED step(s) failed"
 echo
 echo "== summary ($SUMMARY)"
 cat "$SUMMARY"
-for f in "$OUT"/bench-*.txt "$OUT"/dry-bench.txt; do [ -f "$f" ] && { echo; echo "== $f"; cat "$f"; }; done
+for f in "$OUT"/bench-*.txt "$OUT"/dry-bench*.txt; do [ -f "$f" ] && { echo; echo "== $f"; cat "$f"; }; done
 [ "$FAILED" = 0 ]
