@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tgtfast.kernels import mlp_chain, ptloss, softmax
+from tgtfast.kernels import divergence, mlp_chain, ptloss, softmax
 
 ARCHS = (80, 90)
 # Opt-in shared memory per block: A100 163 KiB (164 KiB per SM less 1 KiB reserved), H100/H200 227 KiB.
@@ -181,6 +181,28 @@ def _ptloss_jobs():
     return list(seen.values())
 
 
+def _divergence_jobs():
+    """Every divergence (and AB form) with both gradients at the language-model widths (the single tile at 4096,
+    the three-pass walk beyond, in bfloat16); the heaviest variant at the packed short-row tiles."""
+    sig = {"student_ptr": "*fp32", "teacher_ptr": "*fp32", "valid_ptr": "*u8", "loss_ptr": "*fp32",
+           "grad_s_ptr": "*fp32", "grad_t_ptr": "*fp32", "N": "i32", "K": "i32"}
+    sig.update({k: "fp32" for k in ("s_scale", "t_scale", "w_p", "w_q", "log_w_p", "log_w_q", "ab_sum", "gs_factor",
+                                    "gt_factor")})
+    bf16 = dict(sig, student_ptr="*bf16", teacher_ptr="*bf16", grad_s_ptr="*bf16", grad_t_ptr="*bf16")
+    ab = divergence.NAMES.index("ab_divergence")
+    every = [(code, 0) for code in range(len(divergence.NAMES)) if code != ab] + [(ab, case) for case in range(5)]
+    heavy = [(ab, divergence.AB_GENERAL.value)]  # the most registers of the short-row tiles
+    seen = {}
+    for k in WIDTHS + (10, 4096, 32000, 131072):
+        block_n, block_k, nw = divergence.launch_config(k)
+        for code, case in every if k >= 4096 else heavy:
+            const = dict(DIV=code, AB_CASE=case, HAS_VALID=True, NEED_GS=True, NEED_GT=True,
+                         SINGLE_TILE=k <= block_k, BLOCK_N=block_n, BLOCK_K=block_k)
+            seen.setdefault(_const_key([const, nw]),
+                            ("divergence._divergence_kernel", bf16 if k > block_k else sig, const, nw, 3))
+    return list(seen.values())
+
+
 def _noise_jobs():
     sig = {"z_ptr": "*bf16", "out_ptr": "*bf16", "numel": "i64", "sigma": "fp32", "seed": "i64", "offset": "i64"}
     from tgtfast.kernels import noise
@@ -195,7 +217,8 @@ def _noise_jobs():
 
 def _all_jobs():
     jobs = []
-    for kernel, sig, const, nw, ns in _noise_jobs() + _softmax_jobs() + _ptloss_jobs() + _linear_jobs() + _chain_jobs():
+    kernels = _noise_jobs() + _softmax_jobs() + _ptloss_jobs() + _divergence_jobs() + _linear_jobs() + _chain_jobs()
+    for kernel, sig, const, nw, ns in kernels:
         for cc in ARCHS:
             jobs.append(dict(id=len(jobs), kernel="tgtfast.kernels." + kernel, sig=sig, const=const, cc=cc,
                              num_warps=nw, num_stages=ns))
@@ -239,7 +262,8 @@ def _describe(r):
 
 
 def test_configurations_are_enumerated():
-    """The grid reaches the interesting selections: both chain paths, the fused softmax and the row softmax."""
+    """The grid reaches the interesting selections: both chain paths, the fused softmax and the row softmax, the
+    divergence kernel's single tile and chunked walk."""
     chain = _chain_jobs()
     blocks = {(c["BLOCK_D"], c["BLOCK_H1"], c["BLOCK_H2"]) for _, _, c, _, _ in chain}
     assert (64, 64, 64) in blocks and (128, 128, 128) in blocks
@@ -248,6 +272,9 @@ def test_configurations_are_enumerated():
     assert mlp_chain.chain_path([1024, 64, 1000, 64, 10], 2) == "per_layer"
     fused_n = {c["BLOCK_N"] for _, _, c, _, _ in _linear_jobs() if c.get("SOFTMAX")}
     assert max(fused_n) == 512 and 16 in fused_n
+    # every divergence and AB form, in one tile (K = 4096) and walked in chunks (K = 32000, 131072)
+    wide = {(c["DIV"], c["AB_CASE"], c["SINGLE_TILE"]) for _, _, c, _, _ in _divergence_jobs() if c["BLOCK_K"] == 4096}
+    assert len(wide) == 2 * (len(divergence.NAMES) - 1 + 5)
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90(aot_results):
