@@ -278,6 +278,11 @@ def test_all_rows_ignored_and_nan_rows(backend):
     assert loss.item() == 0 and torch.equal(sg.grad, torch.zeros_like(s))
     rows = tgtfast.distill_loss(s, t, "jsd", beta=0.5, reduction="none", backend=backend)
     assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
+    t_nan = t.clone()
+    t_nan[2, 0] = float("nan")  # a NaN teacher logit is a NaN row too, for every divergence
+    for div, kw in (("forward_kl", {}), ("taid", {"t": 1.0}), ("tvd", {}), ("ab_divergence", {"alpha": 1, "beta": 0})):
+        rows = tgtfast.distill_loss(s.nan_to_num(), t_nan, div, **kw, reduction="none", backend=backend)
+        assert torch.isnan(rows[2]) and torch.isfinite(rows[:2]).all(), div
     # a teacher class of -inf logit: finite for forward KL, +inf for reverse KL
     t = t.clone()
     t[0, 1] = -math.inf

@@ -176,7 +176,7 @@ DIVERGENCES = (
 
 def _xlog(x: torch.Tensor, log_x: torch.Tensor, log_y: torch.Tensor) -> torch.Tensor:
     """``x (log x - log y)`` elementwise, 0 where ``x = 0`` whatever ``y`` (0 log 0 = 0), with finite gradients there."""
-    has = x > 0
+    has = x != 0  # NaN stays NaN (the row's loss must show it)
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     return torch.where(has, x * torch.where(has, log_x - log_y, zero), zero)
 
@@ -203,7 +203,8 @@ def divergence_rows(
     a, b = float(param_a), float(param_b)
     lq = torch.log_softmax(student_logits / temperature, dim=-1)
     if divergence == "taid":  # the target interpolates from the (detached) student to the teacher
-        mixed = (1.0 - a) * (student_logits / temperature).detach() + a * (teacher_logits / temperature)
+        u_s, u_t = (student_logits / temperature).detach(), teacher_logits / temperature
+        mixed = u_t if a == 1.0 else u_s if a == 0.0 else (1.0 - a) * u_s + a * u_t  # no 0 * (-inf)
         lp = torch.log_softmax(mixed, dim=-1)
     else:
         lp = torch.log_softmax(teacher_logits / temperature, dim=-1)
