@@ -32,7 +32,7 @@ _PARAMS = {
     "skew_kl": (("alpha", 0.1),),  # DistiLLM's default
     "skew_reverse_kl": (("alpha", 0.1),),
     "tvd": (),
-    "symmetric_kl": (("lam", 0.5),),  # torchtune's sym_kl_ratio default
+    "symmetric_kl": (("lam", 0.5),),  # the weight of reverse KL (torchtune's sym_kd_ratio = 1 - lam weights forward KL)
     "ab_divergence": (("alpha", None), ("beta", None)),
     "taid": (("t", None),),
 }
