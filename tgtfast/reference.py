@@ -32,6 +32,9 @@ __all__ = [
     "divergence_rows",
     "distill_loss",
     "fused_linear_distill_loss",
+    "coarse_logits",
+    "sparse_teacher_logprobs",
+    "sparse_divergence_rows",
 ]
 
 
@@ -302,6 +305,43 @@ def fused_linear_distill_loss(
         rows = F.cross_entropy(s.flatten(0, -2), torch.where(valid, target, 0).flatten(), reduction="none")
         loss = loss + ce_weight * reduce_rows(rows.reshape(valid.shape), valid, reduction)
     return loss
+
+
+def coarse_logits(student_logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``[..., V]``, ``[..., k]`` -> ``[..., k + 1]``: the logits at `indices`, then the log-sum-exp of all the
+    others (the tail bucket; ``-inf`` when there is none). ``softmax`` of the result is the student's distribution
+    coarse-grained to the teacher's kept classes and one tail (docs/design.md, "Sparse teachers")."""
+    top = student_logits.gather(-1, indices)
+    rest = student_logits.scatter(-1, indices, -math.inf)
+    return torch.cat([top, torch.logsumexp(rest, -1, keepdim=True)], -1)
+
+
+def sparse_teacher_logprobs(logprobs: torch.Tensor, tail: str = "bucket", temperature: float = 1.0) -> torch.Tensor:
+    """``[..., k]`` cached log-probabilities (temperature 1) -> ``[..., k + 1]`` coarse teacher log-probabilities:
+    ``log_softmax([logprobs, log(1 - sum exp(logprobs))] / T)`` with ``tail="bucket"``, the tail entry ``-inf``
+    (no mass outside the kept classes) with ``tail="renormalize"``."""
+    if tail == "bucket":
+        mass = torch.logsumexp(logprobs, -1, keepdim=True).clamp(max=0.0)
+        log_tail = torch.log(-torch.expm1(mass))  # log(1 - kept mass); -inf when the kept classes hold it all
+    else:
+        log_tail = torch.full_like(logprobs[..., :1], -math.inf)
+    return torch.log_softmax(torch.cat([logprobs, log_tail], -1) / temperature, -1)
+
+
+def sparse_divergence_rows(
+    student_logits: torch.Tensor,
+    indices: torch.Tensor,
+    teacher_coarse: torch.Tensor,
+    divergence: str = "forward_kl",
+    *,
+    param_a: float = 0.0,
+    param_b: float = 0.0,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-row divergence between a sparse teacher (coarse log-probabilities ``[..., k + 1]`` from
+    :func:`sparse_teacher_logprobs`) and the dense student, on the teacher's kept classes plus one tail bucket."""
+    w = coarse_logits(student_logits / temperature, indices)
+    return divergence_rows(w, teacher_coarse, divergence, param_a=param_a, param_b=param_b)
 
 
 def kl_div_batchmean(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0):
