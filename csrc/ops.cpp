@@ -28,6 +28,16 @@ TORCH_LIBRARY(tgtfast, m) {
       "divergence_fwd(Tensor student, Tensor teacher, Tensor? valid, int divergence, float param_a, "
       "float param_b, float student_scale, float teacher_scale, bool need_grad_student, bool need_grad_teacher, "
       "float grad_scale=1.0) -> (Tensor, Tensor, Tensor)");
+  // [sparse] The student's logits coarse-grained to a sparse teacher's kept classes plus one tail bucket; math:
+  // docs/design.md, section "Sparse teachers". student [N, V], indices [N, k] int64 (in range, distinct per row),
+  // u = student * scale: returns coarse [N, k + 1] (float32; float64 for float64): u at the indices, then
+  // log sum_{i not kept} exp(u_i) (-inf when nothing is left). Rows where valid is false are 0 and not read.
+  m.def("sparse_coarse_fwd(Tensor student, Tensor indices, Tensor? valid, float scale) -> Tensor");
+  // [sparse] Gradient of sparse_coarse_fwd: grad_student [N, V] (student's dtype) = scale * grad_coarse[n, j] at
+  // indices[n, j], and scale * grad_coarse[n, k] * exp(u_i - coarse[n, k]) elsewhere (0 where the tail is
+  // -inf); rows where valid is false are 0.
+  m.def("sparse_coarse_bwd(Tensor student, Tensor indices, Tensor coarse, Tensor grad_coarse, Tensor? valid, "
+        "float scale) -> Tensor");
   // [noise] TGT latent perturbation z + sigma * noise(seed, offset); math: docs/design.md, section "Noise".
   // The noise (csrc/common/philox.h) is never stored. The seed's 64 bits travel as a (two's complement) int;
   // offset >= 0 is the stream index of element 0.

@@ -6,6 +6,7 @@ stem                    dispatcher op name(s)                  compiled schemas 
 ======================  =====================================  ==========================================
 ``ptloss``              ``ptloss``                             ``ptloss_fwd``
 ``divergence``          ``divergence``                         ``divergence_fwd``
+``sparse``              ``sparse_coarse``                      ``sparse_coarse_fwd``, ``sparse_coarse_bwd``
 ``noise``               ``perturb``, ``latent_noise``          ``perturb``, ``latent_noise_``
 ``softmax``             ``temperature_softmax``                ``temperature_softmax``
 ``mlp_chain``           ``perturb_decode_label_mlp``           ``mlp_chain_fwd``, ``mlp_chain_bwd``
@@ -17,6 +18,6 @@ sources (``csrc/cuda/<stem>_cuda*``), the tests (``tests/test_<stem>.py``) and t
 (``benchmarks/bench_<stem>.py``).
 """
 
-from tgtfast.ops import divergence, mlp_chain, noise, proxy_solve, ptloss, softmax  # noqa: F401  (registers every op)
+from tgtfast.ops import divergence, mlp_chain, noise, proxy_solve, ptloss, softmax, sparse  # noqa: F401  (registers every op)
 
-STEMS = ("ptloss", "divergence", "noise", "softmax", "mlp_chain", "proxy_solve")
+STEMS = ("ptloss", "divergence", "sparse", "noise", "softmax", "mlp_chain", "proxy_solve")

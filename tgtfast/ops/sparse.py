@@ -1,0 +1,100 @@
+"""The ``sparse`` ops: a dense student's logits coarse-grained to a sparse (top-k) teacher's kept classes plus one
+tail bucket, and its gradient (docs/design.md, "Sparse teachers").
+
+Everything about registering them lives here: the C++/CUDA ops ``tgtfast::sparse_coarse_fwd`` and
+``sparse_coarse_bwd`` (schemas in csrc/ops.cpp, kernels in csrc/sparse/ and csrc/cuda/sparse_cuda*), their fake
+kernels and autograd (the forward op's backward is the backward op), the Triton ops (kernels/sparse.py, registered
+the first time the Triton backend is chosen) and the dispatcher entry ``"sparse_coarse"``.
+
+The divergence between the coarse student and the sparse teacher then runs on the ``divergence`` op (``[N, k + 1]``
+is small); only these two ops touch ``[N, V]``: one read of the student logits forward, one read and one write of
+their gradient backward.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+
+from tgtfast import _ext
+from tgtfast.dispatch import Backend, register_op
+from tgtfast.ops._autodiff import check_no_double_backward
+
+OP = "sparse_coarse"
+FWD: Dict[str, Callable] = {}  # backend name -> sparse_coarse_fwd(student, indices, valid, scale) -> coarse
+BWD: Dict[str, Callable] = {}  # backend name -> sparse_coarse_bwd(student, indices, coarse, grad, valid, scale)
+
+
+def _fake_fwd(student, indices, valid, scale):
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    return student.new_empty((student.shape[0], indices.shape[1] + 1), dtype=acc)
+
+
+def _fake_bwd(student, indices, coarse, grad_coarse, valid, scale):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+def _autograd(bwd: Callable):
+    def setup_context(ctx, inputs, output):
+        student, indices, valid, scale = inputs
+        ctx.scale = float(scale)
+        ctx.save_for_backward(student, indices, output, valid)
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad):
+        if grad is None:
+            return None, None, None, None
+        check_no_double_backward("the sparse teacher's coarse student logits")
+        student, indices, coarse, valid = ctx.saved_tensors
+        return bwd(student, indices, coarse, grad.contiguous(), valid, ctx.scale), None, None, None
+
+    return backward, setup_context
+
+
+def _register(fwd_name: str, bwd_name: str, backends, fake: bool) -> None:
+    if fake:
+        torch.library.register_fake(fwd_name)(_fake_fwd)
+        torch.library.register_fake(bwd_name)(_fake_bwd)
+    bwd = getattr(torch.ops.tgtfast, bwd_name.split("::")[1]).default
+    backward, setup_context = _autograd(bwd)
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+    for b in backends:
+        FWD[b] = getattr(torch.ops.tgtfast, fwd_name.split("::")[1]).default
+        BWD[b] = bwd
+
+
+def _load_triton() -> None:
+    if "triton" in FWD:
+        return
+    from tgtfast.kernels import sparse as kernels
+
+    torch.library.triton_op("tgtfast::sparse_coarse_fwd_triton", kernels.sparse_coarse_fwd, mutates_args=())
+    torch.library.triton_op("tgtfast::sparse_coarse_bwd_triton", kernels.sparse_coarse_bwd, mutates_args=())
+    _register("tgtfast::sparse_coarse_fwd_triton", "tgtfast::sparse_coarse_bwd_triton", ("triton",), fake=False)
+
+
+def _has_kernel(name: str, key: str) -> bool:
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"tgtfast::{name}", key))
+    except RuntimeError:  # the schema is not declared (an extension built before this op existed)
+        return False
+
+
+_missing: Dict[Backend, str] = {}
+if _ext.ext is not None and _has_kernel("sparse_coarse_fwd", "CPU") and _has_kernel("sparse_coarse_bwd", "CPU"):
+    cuda = _has_kernel("sparse_coarse_fwd", "CUDA")
+    _register("tgtfast::sparse_coarse_fwd", "tgtfast::sparse_coarse_bwd", ("cpp", "cuda") if cuda else ("cpp",),
+              fake=True)
+    if not cuda:
+        _missing[Backend.CUDA] = "the extension has no CUDA kernel for sparse_coarse_fwd"
+else:
+    _missing[Backend.CPP] = _missing[Backend.CUDA] = "the compiled extension has no sparse_coarse kernels (rebuild it)"
+
+register_op(OP, missing=_missing, dtypes={Backend.CUDA: (torch.float32, torch.float16, torch.bfloat16)},
+            loaders={Backend.TRITON: _load_triton})
+
+
+def coarse(backend: Backend) -> Callable:
+    """The ``sparse_coarse_fwd`` implementation of `backend` (differentiable through its registered autograd)."""
+    return FWD[Backend(backend).value]
