@@ -25,6 +25,7 @@ from tgtfast.losses.divergence_modules import (
     TVDLoss,
 )
 from tgtfast.losses.functional import focal_kd_loss, kd_loss, ptloss
+from tgtfast.losses.sparse import SparseTeacher
 from tgtfast.losses.taid import TAIDSchedule
 from tgtfast.losses.modules import FocalKDLoss, KDLoss, LabelSmoothedKDLoss, PTLoss, coeffs_buffer
 
@@ -42,6 +43,7 @@ __all__ = [
     "ABDivergenceLoss",
     "TAIDLoss",
     "TAIDSchedule",
+    "SparseTeacher",
     "fused_linear_distill_loss",
     "FusedLinearDistillLoss",
     "ptloss",

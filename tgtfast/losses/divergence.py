@@ -17,6 +17,7 @@ import torch
 from tgtfast import reference
 from tgtfast import validation as V
 from tgtfast.dispatch import Backend, select
+from tgtfast.losses.sparse import SparseTeacher, sparse_rows
 from tgtfast.ops import divergence as _op
 from tgtfast.ops._autodiff import check_no_tangent
 
@@ -221,7 +222,9 @@ def distill_loss(
 
     Args:
         student_logits: ``[N, V]`` or ``[B, L, V]`` floating logits (float32, bfloat16, float16, float64).
-        teacher_logits: the teacher's logits, same leading shape; it gets a gradient when it requires one.
+        teacher_logits: the teacher's logits, same leading shape; it gets a gradient when it requires one. Or a
+            :class:`tgtfast.SparseTeacher` (cached top-k log-probabilities): the divergence is then taken on the
+            teacher's kept classes plus one tail bucket (docs/design.md, "Sparse teachers").
         divergence: one of the names above.
         beta, alpha, lam, t: the divergence's parameters (keyword only); a parameter the divergence does not take
             is an error. ``beta``, ``alpha``, ``lam``, ``t`` are in ``[0, 1]`` except the AB-divergence's ``alpha``
@@ -260,9 +263,13 @@ def distill_loss(
     against float32 cancellation (their gradient is untouched).
     """
     V.tensor("student_logits", student_logits, floating=True)
-    V.tensor("teacher_logits", teacher_logits, floating=True)
     if student_logits.dim() < 2:
         raise ValueError(f"student_logits must be [N, V] or [B, L, V], got shape {tuple(student_logits.shape)}")
+    if isinstance(teacher_logits, SparseTeacher):
+        return _sparse_distill_loss(student_logits, teacher_logits, divergence, dict(beta=beta, alpha=alpha, lam=lam,
+                                    t=t), temperature, target, ignore_index, reduction, num_items_in_batch,
+                                    t2_scaling, logit_scale, logit_softcap, backend)
+    V.tensor("teacher_logits", teacher_logits, floating=True)
     if teacher_logits.shape[:-1] != student_logits.shape[:-1]:
         raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} does not match student_logits shape "
                          f"{tuple(student_logits.shape)} in its leading dimensions")
@@ -315,4 +322,33 @@ def distill_loss(
         )
     rows = clamp_value_min0(rows)
     out = reduce(rows, reduction, weight, valid, num_items_in_batch, multiplier)
+    return out.reshape(lead) if reduction == "none" else out
+
+
+def _sparse_distill_loss(student_logits, teacher: SparseTeacher, divergence, params, temperature, target,
+                         ignore_index, reduction, num_items_in_batch, t2_scaling, logit_scale, logit_softcap,
+                         backend):
+    """:func:`distill_loss` against a :class:`SparseTeacher` (its arguments, already partly checked)."""
+    div = resolve(divergence, **params)
+    temperature = V.temperature(temperature, student_logits.dtype)
+    check_reduction(reduction, num_items_in_batch)
+    V.boolean("t2_scaling", t2_scaling)
+    scale_s, _ = _pair("logit_scale", logit_scale)
+    cap_s, _ = _pair("logit_softcap", logit_softcap)
+    lead, k = student_logits.shape[:-1], student_logits.shape[-1]
+    if teacher.shape != lead:
+        raise ValueError(f"the sparse teacher has leading shape {tuple(teacher.shape)} but student_logits has "
+                         f"{tuple(lead)}")
+    valid = None
+    if target is not None:
+        V.target(target, lead, "the logits'", "student_logits", student_logits.device)
+        valid = (target != ignore_index).reshape(-1)
+    s = student_logits
+    if cap_s is not None:
+        s, scale_s = model_logits(s, scale_s, cap_s), None
+    a_s = (1.0 if scale_s is None else scale_s) / temperature
+    rows = sparse_rows(s.reshape(-1, k), teacher, div, a_s, temperature, valid, backend, "tgtfast.distill_loss")
+    rows = clamp_value_min0(rows)
+    weight = row_weight(reduction, rows.shape[0], valid, num_items_in_batch)
+    out = reduce(rows, reduction, weight, valid, num_items_in_batch, temperature**2 if t2_scaling else 1.0)
     return out.reshape(lead) if reduction == "none" else out
