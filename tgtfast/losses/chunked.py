@@ -144,10 +144,11 @@ def _run(cfg: _Config, hs, ws, bs, ht, wt, bt, row_scale, need: Tuple[bool, bool
     v = ws.shape[0]
     device = hs.device
     any_grad = any(need)
-    student, teacher = _Matmul(ws, bs, acc), _Matmul(wt, bt, acc)
+    student = _Matmul(ws, bs, acc)
+    teacher = None if wt is None else _Matmul(wt, bt, acc)  # None: a sparse teacher (cfg.sparse)
     chunk = min(cfg.chunk_size, max(n, 1))
     s_buf = torch.empty((chunk, v), dtype=acc, device=device)
-    t_buf = torch.empty((chunk, v), dtype=acc, device=device)
+    t_buf = None if teacher is None else torch.empty((chunk, v), dtype=acc, device=device)
     rows_out = torch.empty((n,), dtype=acc, device=device)
     grad_h = torch.empty_like(hs) if need[0] else None
     grad_w = torch.zeros(ws.shape, dtype=acc, device=device) if need[1] else None
@@ -155,10 +156,14 @@ def _run(cfg: _Config, hs, ws, bs, ht, wt, bt, row_scale, need: Tuple[bool, bool
     per_row = isinstance(row_scale, torch.Tensor)
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
-        s, t = s_buf[: end - start], t_buf[: end - start]
+        s = s_buf[: end - start]
         h_chunk = hs[start:end]
         student.logits_into(h_chunk, s)
-        teacher.logits_into(ht[start:end], t)
+        if teacher is None:
+            t = cfg.sparse.rows(start, end)
+        else:
+            t = t_buf[: end - start]
+            teacher.logits_into(ht[start:end], t)
         valid = None if cfg.valid is None else cfg.valid[start:end]
         scale = row_scale[start:end].unsqueeze(1).to(acc) if per_row else row_scale
         kd_scale = cfg.kd_weight * (1.0 if per_row else scale)
@@ -276,35 +281,35 @@ def prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, stud
     """Check the operands of a fused linear loss (shapes, dtypes, devices, labels) and cast them as ``nn.Linear``
     would compute. ``vocab_mismatch`` ("slice" / "pad", see :func:`tgtfast.distill_loss`) lets the two projections
     have different vocabulary sizes."""
+    from tgtfast.losses.sparse import SparseTeacher
+
+    sparse = teacher_hidden if isinstance(teacher_hidden, SparseTeacher) else None
     hs = _check_tensor("student_hidden", student_hidden, (2, 3))
     ws = _check_tensor("student_weight", student_weight, (2,))
-    ht = _check_tensor("teacher_hidden", teacher_hidden, (2, 3))
-    wt = _check_tensor("teacher_weight", teacher_weight, (2,))
     device = hs.device
     hs, ws, student_bias = _as_compute_dtype(device, "student", hs, ws, student_bias)
-    ht, wt, teacher_bias = _as_compute_dtype(device, "teacher", ht, wt, teacher_bias)
-    for name, x in (("student_weight", ws), ("teacher_hidden", ht), ("teacher_weight", wt)):
-        if x.device != device:
-            raise ValueError(f"{name} is on {x.device} but student_hidden is on {device}")
+    if ws.device != device:
+        raise ValueError(f"student_weight is on {ws.device} but student_hidden is on {device}")
     if ws.shape[1] != hs.shape[-1]:
         raise ValueError(f"student_weight must be [V, H] with H = {hs.shape[-1]} (student_hidden's last "
                          f"dimension), got shape {tuple(ws.shape)}")
-    if wt.shape[1] != ht.shape[-1]:
-        raise ValueError(f"teacher_weight must be [V, H_t] with H_t = {ht.shape[-1]} (teacher_hidden's last "
-                         f"dimension), got shape {tuple(wt.shape)}")
-    if ht.shape[:-1] != hs.shape[:-1]:
-        raise ValueError(f"teacher_hidden leading shape {tuple(ht.shape[:-1])} does not match student_hidden "
-                         f"leading shape {tuple(hs.shape[:-1])}")
+    if sparse is not None:
+        if sparse.shape != hs.shape[:-1]:
+            raise ValueError(f"the sparse teacher has leading shape {tuple(sparse.shape)} but student_hidden has "
+                             f"{tuple(hs.shape[:-1])}")
+        if teacher_weight is not None or teacher_bias is not None:
+            raise ValueError("a sparse teacher takes no teacher_weight or teacher_bias")
+        ht = wt = teacher_bias = None
+    else:
+        ht, wt, teacher_bias = _check_teacher(hs, teacher_hidden, teacher_weight, teacher_bias, device)
     if ws.dtype != hs.dtype:
         raise TypeError(f"student_weight dtype {ws.dtype} does not match student_hidden dtype {hs.dtype}")
-    if wt.dtype != ht.dtype:
-        raise TypeError(f"teacher_weight dtype {wt.dtype} does not match teacher_hidden dtype {ht.dtype}")
     if ws.shape[0] == 0:
         raise ValueError("student_weight has no rows (V = 0)")
     if vocab_mismatch is not None:
         V.choice("vocab_mismatch", vocab_mismatch, ("slice", "pad"))
     v_student = ws.shape[0]
-    if wt.shape[0] != ws.shape[0]:
+    if wt is not None and wt.shape[0] != ws.shape[0]:
         if vocab_mismatch is None:
             raise ValueError(
                 f"teacher_weight has V = {wt.shape[0]} rows but student_weight has V = {ws.shape[0]}: both "
@@ -353,7 +358,7 @@ def prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, stud
                                  f"ignore_index={ignore_index}")
     elif ce_weight != 0:
         raise ValueError("ce_weight != 0 needs target (the labels of the cross-entropy term)")
-    acc = torch.float64 if torch.float64 in (hs.dtype, ht.dtype) else torch.float32
+    acc = torch.float64 if torch.float64 in (hs.dtype, hs.dtype if ht is None else ht.dtype) else torch.float32
     if num_items_in_batch is not None:
         weight = 1.0 / float(num_items_in_batch)
     elif reduction in ("mean", "batchmean"):
@@ -368,7 +373,27 @@ def prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, stud
     )
     return Prepared(hs=hs, ws=ws, bs=student_bias, ht=ht, wt=wt, bt=teacher_bias, v=v, v_student=v_student,
                     lead=lead, n=n, valid=valid, target=tgt, acc=acc, device=device, reduction=reduction,
-                    kd_weight=kd_weight, ce_weight=ce_weight, chunk_size=int(chunk_size), weight=weight, need=need)
+                    kd_weight=kd_weight, ce_weight=ce_weight, chunk_size=int(chunk_size), weight=weight, need=need,
+                    sparse=sparse)
+
+
+def _check_teacher(hs, ht, wt, bt, device):
+    """The dense teacher's hidden states and projection: shapes, dtypes, devices; cast as nn.Linear computes."""
+    ht = _check_tensor("teacher_hidden", ht, (2, 3))
+    wt = _check_tensor("teacher_weight", wt, (2,))
+    ht, wt, bt = _as_compute_dtype(device, "teacher", ht, wt, bt)
+    for name, x in (("teacher_hidden", ht), ("teacher_weight", wt)):
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} but student_hidden is on {device}")
+    if wt.shape[1] != ht.shape[-1]:
+        raise ValueError(f"teacher_weight must be [V, H_t] with H_t = {ht.shape[-1]} (teacher_hidden's last "
+                         f"dimension), got shape {tuple(wt.shape)}")
+    if ht.shape[:-1] != hs.shape[:-1]:
+        raise ValueError(f"teacher_hidden leading shape {tuple(ht.shape[:-1])} does not match student_hidden "
+                         f"leading shape {tuple(hs.shape[:-1])}")
+    if wt.dtype != ht.dtype:
+        raise TypeError(f"teacher_weight dtype {wt.dtype} does not match teacher_hidden dtype {ht.dtype}")
+    return ht, wt, bt
 
 
 def _pad_projection(weight: torch.Tensor, bias: Optional[torch.Tensor], v: int):
@@ -391,14 +416,15 @@ def launch(args: Prepared, kd_chunk, transform=None, parts: bool = False):
     a = args
     cfg = _Config(acc=a.acc, valid=a.valid, target=a.target, reduction=a.reduction, kd_weight=a.kd_weight,
                   ce_weight=a.ce_weight, chunk_size=a.chunk_size, need=a.need, weight=a.weight, kd_chunk=kd_chunk,
-                  transform=transform, parts=None)
+                  transform=transform, parts=None, sparse=a.sparse)
     if parts:
         cfg.parts = (torch.zeros((a.n,), dtype=a.acc, device=a.device), torch.zeros((a.n,), dtype=a.acc, device=a.device))
     with torch.autocast(a.device.type, enabled=False):
         out = _ChunkedLossFunction.apply(
             a.hs.reshape(a.n, a.hs.shape[-1]).contiguous(), a.ws.contiguous(),
             None if a.bs is None else a.bs.contiguous(),
-            a.ht.detach().reshape(a.n, a.ht.shape[-1]).contiguous(), a.wt.detach().contiguous(),
+            None if a.ht is None else a.ht.detach().reshape(a.n, a.ht.shape[-1]).contiguous(),
+            None if a.wt is None else a.wt.detach().contiguous(),
             None if a.bt is None else a.bt.detach().contiguous(), cfg,
         )
     out = out.reshape(a.lead) if a.reduction == "none" else out

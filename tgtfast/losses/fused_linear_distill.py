@@ -15,6 +15,7 @@ from tgtfast import validation as V
 from tgtfast.dispatch import Backend, select
 from tgtfast.losses import divergence as D
 from tgtfast.losses.chunked import launch, prepare
+from tgtfast.losses.sparse import SparseTeacher, check_divergence, sparse_rows
 from tgtfast.ops import divergence as _op
 from tgtfast.ops._autodiff import check_no_tangent
 
@@ -38,6 +39,18 @@ def _divergence_chunk(chosen: Backend, div: D.Divergence, a_s: float, a_t: float
         rows = rows * multiplier
         if valid is not None:
             rows = torch.where(valid, rows, rows.new_zeros(()))
+        grad = torch.autograd.grad(rows.sum() * grad_scale, s_leaf)[0] if need_grad else None
+    return rows.detach().clamp_min(0), grad
+
+
+def _sparse_chunk(backend, div: D.Divergence, a_s: float, temperature: float, multiplier: float, s,
+                  t: SparseTeacher, valid, need_grad, grad_scale):
+    """Per-row divergence of one chunk of student logits against the chunk's rows of a sparse teacher (times
+    `multiplier`) and, if need_grad, the gradient of grad_scale * rows wrt the chunk's logits."""
+    with torch.enable_grad():
+        s_leaf = s.detach().requires_grad_(need_grad)
+        rows = sparse_rows(s_leaf, t, div, a_s, temperature, valid, backend, "tgtfast.fused_linear_distill_loss")
+        rows = rows * multiplier if multiplier != 1.0 else rows
         grad = torch.autograd.grad(rows.sum() * grad_scale, s_leaf)[0] if need_grad else None
     return rows.detach().clamp_min(0), grad
 
@@ -67,8 +80,8 @@ def _transform(scale_s, cap_s, scale_t, cap_t, s: torch.Tensor, t: torch.Tensor)
 def fused_linear_distill_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_hidden,
+    teacher_weight: Optional[torch.Tensor] = None,
     divergence: str = "forward_kl",
     *,
     beta: Optional[float] = None,
@@ -122,8 +135,16 @@ def fused_linear_distill_loss(
         backend: backend of the fused divergence op on each chunk (see :func:`tgtfast.backends`); the matrix
             products always run through torch (MKL / cuBLAS).
 
+    A :class:`tgtfast.SparseTeacher` (cached top-k log-probabilities, leading shape of the hidden states) may take
+    the place of ``teacher_hidden`` and ``teacher_weight``: ``fused_linear_distill_loss(h, W, SparseTeacher(...),
+    divergence="jsd")`` (see :func:`tgtfast.distill_loss`; the teacher's part of ``logit_scale`` and
+    ``logit_softcap`` does not apply to it).
+
     Under ``torch.compile`` the call is a graph break. Forward-mode AD and double backward raise a clear error.
     """
+    sparse = teacher_hidden if isinstance(teacher_hidden, SparseTeacher) else None
+    if sparse is not None and isinstance(teacher_weight, str):  # fused_linear_distill_loss(h, W, sparse, "jsd")
+        divergence, teacher_weight = teacher_weight, None
     div = D.resolve(divergence, beta=beta, alpha=alpha, lam=lam, t=t)
     D.check_reduction(reduction, num_items_in_batch)
     V.boolean("t2_scaling", t2_scaling)
@@ -142,15 +163,24 @@ def fused_linear_distill_loss(
     # A logit scale folds into the kernel's scale unless the chunk must hold the model's logits (soft-capping
     # follows it, or the cross-entropy term reads them).
     fold_s = cap_s is None and args.ce_weight == 0
-    fold_t = cap_t is None
+    fold_t = cap_t is None or sparse is not None
+    if sparse is not None:
+        scale_t = cap_t = None
     a_s = (scale_s if fold_s and scale_s is not None else 1.0) / temperature
     a_t = (scale_t if fold_t and scale_t is not None else 1.0) / temperature
     transform = None
     if not (fold_s or (scale_s is None and cap_s is None)) or not (fold_t or (scale_t is None and cap_t is None)):
         transform = functools.partial(_transform, None if fold_s else scale_s, cap_s, None if fold_t else scale_t,
                                       cap_t)
-    chosen = select(backend, args.device, args.acc, op="fused_linear_divergence")
     multiplier = temperature**2 if t2_scaling else 1.0
+    if sparse is not None:
+        if sparse.device != args.device:
+            raise ValueError(f"the sparse teacher is on {sparse.device} but student_hidden is on {args.device}")
+        sparse.check(args.v, args.valid)
+        check_divergence(div.name, div.param_a, div.param_b, sparse.tail)
+        kd_chunk = functools.partial(_sparse_chunk, backend, div, a_s, temperature, multiplier)
+        return launch(args, kd_chunk, transform=transform, parts=return_parts)
+    chosen = select(backend, args.device, args.acc, op="fused_linear_divergence")
     kd_chunk = functools.partial(_divergence_chunk, chosen, div, a_s, a_t, multiplier)
     return launch(args, kd_chunk, transform=transform, parts=return_parts)
 
