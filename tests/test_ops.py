@@ -58,10 +58,20 @@ def _samples(device):
             (rnd(n, k, dtype=torch.float64, grad=True), rnd(n, k, dtype=torch.float64),
              torch.tensor([True, False, True, True, False]), 7, 0.4, -0.2, 1.0, 2.0, True, False, 1.0),
         ],
+        "sparse_coarse_fwd": [
+            (rnd(n, k, grad=True), torch.tensor([[0, 3], [1, 2], [6, 5], [4, 0], [2, 1]]), None, 0.5),
+            (rnd(n, k, dtype=torch.float64, grad=True), torch.tensor([[0, 3, 6], [1, 2, 5], [6, 5, 4], [4, 0, 1],
+                                                                      [2, 1, 0]]),
+             torch.tensor([True, False, True, True, False]), 1.5),
+        ],
+        "sparse_coarse_bwd": [
+            (rnd(n, k), torch.tensor([[0, 3], [1, 2], [6, 5], [4, 0], [2, 1]]), rnd(n, 3), rnd(n, 3), None, 0.5),
+        ],
         "proxy_solve": [(probs, eta, 50, 1e-10)],
         "proxy_deviation_sums": [(probs, eta, torch.tensor([0, 2, 1, 1, 0]), 50, 1e-10)],
     }
-    for name in ("ptloss_fwd", "divergence_fwd", "perturb", "latent_noise_", "temperature_softmax"):
+    for name in ("ptloss_fwd", "divergence_fwd", "sparse_coarse_fwd", "sparse_coarse_bwd", "perturb", "latent_noise_",
+                 "temperature_softmax"):
         out[name + ("triton_" if name.endswith("_") else "_triton")] = [
             tuple(a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.float64 and name != "latent_noise_"
                   else a for a in args) for args in out[name]
@@ -83,6 +93,8 @@ def test_opcheck(name):
     op = getattr(torch.ops.tgtfast, name).default
     if name == "divergence_fwd" and tgtfast.backends("divergence")["cpp"] != "available":
         pytest.skip("the extension was built without the divergence kernel")
+    if name.startswith("sparse_coarse") and tgtfast.backends("sparse_coarse")["cpp"] != "available":
+        pytest.skip("the extension was built without the sparse kernels")
     kw = {}
     if name.endswith("_triton") or name.endswith("triton_"):
         if not torch.cuda.is_available():  # the interpreter cannot run a kernel on fake tensors
