@@ -1,0 +1,81 @@
+// Torch-facing launchers of the CPU sparse-teacher kernels: checks, allocation, and parallelism over rows.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu_dtype.h"
+#include "cpu_buffers.h"
+#include "sparse_cpu_kernel.h"
+
+namespace tgtfast {
+namespace {
+
+cpu::SparseCoarseArgs common_args(const char* op, const at::Tensor& student, const at::Tensor& indices,
+                                  const std::optional<at::Tensor>& valid, double scale) {
+  TORCH_CHECK(student.dim() == 2 && student.is_contiguous(), op, ": student must be a contiguous [N, V] tensor, got ",
+              student.sizes());
+  TORCH_CHECK(indices.dim() == 2 && indices.size(0) == student.size(0) && indices.scalar_type() == at::kLong &&
+                  indices.is_contiguous(),
+              op, ": indices must be a contiguous int64 [N, k] tensor with N = ", student.size(0), ", got ",
+              indices.sizes(), " ", indices.scalar_type());
+  TORCH_CHECK(indices.size(1) <= student.size(1), op, ": k = ", indices.size(1), " exceeds V = ", student.size(1));
+  TORCH_CHECK(scale > 0, op, ": scale must be > 0, got ", scale);
+  if (valid.has_value()) {
+    TORCH_CHECK(valid->scalar_type() == at::kBool && valid->dim() == 1 && valid->size(0) == student.size(0) &&
+                    valid->is_contiguous(),
+                op, ": valid must be a contiguous bool tensor of shape [", student.size(0), "]");
+  }
+  cpu::SparseCoarseArgs args;
+  args.student = student.data_ptr();
+  args.dtype = cpu::to_kernel_dtype(student.scalar_type(), op, "student");
+  args.indices = indices.data_ptr<int64_t>();
+  args.valid = valid.has_value() ? valid->data_ptr<bool>() : nullptr;
+  args.rows = student.size(0);
+  args.classes = student.size(1);
+  args.kept = indices.size(1);
+  args.scale = scale;
+  return args;
+}
+
+int64_t grain(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)); }
+
+at::Tensor sparse_coarse_fwd_cpu(const at::Tensor& student, const at::Tensor& indices,
+                                 const std::optional<at::Tensor>& valid, double scale) {
+  auto args = common_args("sparse_coarse_fwd", student, indices, valid, scale);
+  const auto acc = args.dtype == cpu::DType::kFloat64 ? at::kDouble : at::kFloat;
+  auto out = at::empty({args.rows, args.kept + 1}, student.options().dtype(acc));
+  if (args.rows == 0) return out;
+  args.out = out.data_ptr();
+  const auto fn = cpu::cpu_has_avx2() ? &cpu::sparse_coarse_fwd_avx2 : &cpu::sparse_coarse_fwd_base;
+  at::parallel_for(0, args.rows, grain(args.classes), [&](int64_t b, int64_t e) { fn(args, b, e); });
+  return out;
+}
+
+at::Tensor sparse_coarse_bwd_cpu(const at::Tensor& student, const at::Tensor& indices, const at::Tensor& coarse,
+                                 const at::Tensor& grad_coarse, const std::optional<at::Tensor>& valid,
+                                 double scale) {
+  auto args = common_args("sparse_coarse_bwd", student, indices, valid, scale);
+  const auto acc = args.dtype == cpu::DType::kFloat64 ? at::kDouble : at::kFloat;
+  for (const auto* t : {&coarse, &grad_coarse}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == args.rows && t->size(1) == args.kept + 1 && t->scalar_type() == acc &&
+                    t->is_contiguous(),
+                "sparse_coarse_bwd: coarse and grad_coarse must be contiguous ", acc, " [", args.rows, ", ",
+                args.kept + 1, "] tensors, got ", t->sizes(), " ", t->scalar_type());
+  }
+  auto out = empty_output_like(student);
+  if (args.rows == 0) return out;
+  args.coarse = coarse.data_ptr();
+  args.grad_coarse = grad_coarse.data_ptr();
+  args.out = out.data_ptr();
+  const auto fn = cpu::cpu_has_avx2() ? &cpu::sparse_coarse_bwd_avx2 : &cpu::sparse_coarse_bwd_base;
+  at::parallel_for(0, args.rows, grain(args.classes), [&](int64_t b, int64_t e) { fn(args, b, e); });
+  return out;
+}
+
+}  // namespace
+}  // namespace tgtfast
+
+TORCH_LIBRARY_IMPL(tgtfast, CPU, m) {
+  m.impl("sparse_coarse_fwd", &tgtfast::sparse_coarse_fwd_cpu);
+  m.impl("sparse_coarse_bwd", &tgtfast::sparse_coarse_bwd_cpu);
+}
