@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tgtfast.kernels import divergence, mlp_chain, ptloss, softmax
+from tgtfast.kernels import divergence, mlp_chain, ptloss, softmax, sparse
 
 ARCHS = (80, 90)
 # Opt-in shared memory per block: A100 163 KiB (164 KiB per SM less 1 KiB reserved), H100/H200 227 KiB.
@@ -203,6 +203,32 @@ def _divergence_jobs():
     return list(seen.values())
 
 
+def _sparse_jobs():
+    """The sparse teacher's kernels (the forward's walk and gather, the backward's dense walk, the bitmap and the
+    scatter of the kept classes) in bfloat16 at the language-model widths, float32 at a short row."""
+    rows = {"valid_ptr": "*u8", "indices_ptr": "*i64", "N": "i32", "V": "i32", "W": "i32", "KEPT": "i32",
+            "scale": "fp32"}
+    pairs = {"indices_ptr": "*i64", "valid_ptr": "*u8", "total": "i64", "KEPT": "i32", "V": "i32", "W": "i32",
+             "scale": "fp32"}
+    jobs = []
+    for k, kept, dt in ((40, 39, "fp32"), (32000, 512, "bf16"), (131072, 4096, "bf16")):
+        block_n, block_k, nw = sparse.launch_config(k, words=True)
+        block_j = sparse.kept_block(kept, block_n)
+        const = dict(HAS_VALID=True, SINGLE_TILE=-(-k // 32) <= block_k // 32, SINGLE_KEPT=kept <= block_j,
+                     BLOCK_N=block_n, BLOCK_W=block_k // 32, BLOCK_J=block_j)
+        jobs.append(("sparse._coarse_kernel", dict(rows, student_ptr=f"*{dt}", bitmap_ptr="*i32", coarse_ptr="*fp32"),
+                     const, nw, 3))
+        block_n, block_k, nw = sparse.launch_config(k, words=False)
+        const = dict(HAS_VALID=True, SINGLE_TILE=k <= block_k, BLOCK_N=block_n, BLOCK_K=block_k)
+        jobs.append(("sparse._bwd_dense_kernel", dict(rows, student_ptr=f"*{dt}", coarse_ptr="*fp32",
+                                                      grad_coarse_ptr="*fp32", grad_ptr=f"*{dt}"), const, nw, 3))
+    const = dict(HAS_VALID=True, BLOCK=sparse.PAIR_BLOCK)
+    jobs.append(("sparse._bitmap_kernel", dict(pairs, bitmap_ptr="*i32"), const, sparse._PAIR_WARPS, 3))
+    jobs.append(("sparse._scatter_kernel", dict(pairs, grad_coarse_ptr="*fp32", grad_ptr="*bf16"), const,
+                 sparse._PAIR_WARPS, 3))
+    return jobs
+
+
 def _noise_jobs():
     sig = {"z_ptr": "*bf16", "out_ptr": "*bf16", "numel": "i64", "sigma": "fp32", "seed": "i64", "offset": "i64"}
     from tgtfast.kernels import noise
@@ -217,7 +243,8 @@ def _noise_jobs():
 
 def _all_jobs():
     jobs = []
-    kernels = _noise_jobs() + _softmax_jobs() + _ptloss_jobs() + _divergence_jobs() + _linear_jobs() + _chain_jobs()
+    kernels = (_noise_jobs() + _softmax_jobs() + _ptloss_jobs() + _divergence_jobs() + _sparse_jobs()
+               + _linear_jobs() + _chain_jobs())
     for kernel, sig, const, nw, ns in kernels:
         for cc in ARCHS:
             jobs.append(dict(id=len(jobs), kernel="tgtfast.kernels." + kernel, sig=sig, const=const, cc=cc,
