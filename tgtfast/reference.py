@@ -225,8 +225,9 @@ def divergence_rows(
         terms = _xlog(q, lq, _log_mix(1.0 - a, lp, lq))
     elif divergence == "tvd":
         terms = 0.5 * (p - q).abs()
-    elif divergence == "symmetric_kl":
-        terms = (1.0 - a) * _xlog(p, lp, lq) + a * _xlog(q, lq, lp)
+    elif divergence == "symmetric_kl":  # the endpoints alone: no 0 * inf where one side has -inf logits
+        forward, reverse = _xlog(p, lp, lq), _xlog(q, lq, lp)
+        terms = forward if a == 0.0 else reverse if a == 1.0 else (1.0 - a) * forward + a * reverse
     elif divergence == "ab_divergence":
         terms = _ab_terms(a, b, lp, lq)
     else:
