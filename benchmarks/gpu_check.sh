@@ -96,6 +96,8 @@ else
   step bench-divergence-bf16 "$OUT/bench-divergence-bf16.txt" timeout 120 "$PY" -m tgtfast.cli bench \
     --op divergence --shape N=16384 K=131072 --dtype bfloat16 --impl cuda triton --repeats 3 --no-memory \
     --json "$OUT/bench-divergence-bf16.json"
+  step bench-sparse "$OUT/bench-sparse.txt" timeout 120 "$PY" -m tgtfast.cli bench --op sparse --impl eager cuda \
+    triton --repeats 5 --no-memory --json "$OUT/bench-sparse.json"
 fi
 
 if [ "$DRY" = 1 ]; then
@@ -106,6 +108,8 @@ if [ "$DRY" = 1 ]; then
     --shape N=16 K=512 M=2 --repeats 1 --no-memory --json "$OUT/dry-bench.json"
   step dry "$OUT/dry-bench-divergence.txt" env TRITON_INTERPRET=1 "$PY" -m tgtfast.cli bench --op divergence \
     --shape N=16 K=512 D=2 --impl eager cpp triton --repeats 1 --no-memory --json "$OUT/dry-bench-divergence.json"
+  step dry "$OUT/dry-bench-sparse.txt" "$PY" -m tgtfast.cli bench --op sparse --shape N=16 V=512 TOPK=8 \
+    --impl eager cpp --repeats 1 --no-memory --json "$OUT/dry-bench-sparse.json"
 fi
 
 note "total $(( $(date +%s) - T0 )) s, $FAILED step(s) failed"
