@@ -13,6 +13,7 @@ COMMANDS = {
     "coeffs": "search PTLoss coefficients with the Proxy Teacher",
     "backends": "list the backends and why some are off",
     "train": "Teacher Guided Training from a YAML config (--help-config documents its keys)",
+    "cache-teacher": "store a teacher's top-k log-probabilities per token over a dataset (offline distillation)",
 }
 
 
@@ -21,9 +22,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: tgtfast {" + ",".join(COMMANDS) + "} [options]")
         for name, what in COMMANDS.items():
-            print(f"  {name:<10}{what}")
+            print(f"  {name:<14}{what}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    module = importlib.import_module(f"tgtfast.cli.{argv[0]}")
+    module = importlib.import_module(f"tgtfast.cli.{argv[0].replace('-', '_')}")
     return module.main(argv[1:])
 
 
