@@ -111,8 +111,8 @@ def test_chunk_sizes_agree(chunk_size):
 
 
 def test_default_chunk_size():
-    assert tgtfast.fused_linear.default_chunk_size(32000) == 1024
-    assert tgtfast.fused_linear.default_chunk_size(128256) == 256
+    assert tgtfast.fused_linear.default_chunk_size(32000) == 512
+    assert tgtfast.fused_linear.default_chunk_size(128256) == 128
     assert tgtfast.fused_linear.default_chunk_size(10) == 4096
     assert tgtfast.fused_linear.default_chunk_size(10**9) == 32
 

@@ -3,6 +3,8 @@
 * :func:`distill_loss`: the divergences distillation uses (forward/reverse KL, JSD, skew KL, TVD, symmetric KL,
   AB-divergence, TAID), fused, with one module each (:class:`JSDLoss`, ...), and
   :func:`fused_linear_distill_loss` from hidden states.
+* :class:`SparseTeacher`: distil from cached top-k teacher outputs; :class:`TeacherCache` writes and reads them
+  (``tgtfast cache-teacher``), :class:`CachedTeacherDataset` / :class:`TeacherCollator` join them to batches.
 * :func:`ptloss` / :class:`PTLoss`: the perturbed KL distillation loss, loss and gradients in one fused pass
   (C++ on the CPU, CUDA and Triton on the GPU), with the baselines :class:`KDLoss`,
   :class:`LabelSmoothedKDLoss` and :class:`FocalKDLoss`.
@@ -82,7 +84,16 @@ _LAZY = ("fused_linear_ptloss", "FusedLinearPTLoss", "fused_linear", "fused_line
          "FusedLinearDistillLoss")
 
 
+# The teacher cache (tgtfast/cache/), imported on first use.
+_CACHE = ("TeacherCache", "TeacherCacheWriter", "CachedTeacherDataset", "TeacherCollator", "CacheError")
+
+
 def __getattr__(name: str):
+    if name in _CACHE:
+        from tgtfast import cache
+
+        globals()[name] = getattr(cache, name)
+        return globals()[name]
     if name not in _LAZY:
         raise AttributeError(f"module 'tgtfast' has no attribute {name!r}")
     if name == "fused_linear":
@@ -96,7 +107,7 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_CACHE))
 
 
 __version__ = "0.1.0"
@@ -119,6 +130,11 @@ __all__ = [
     "TAIDLoss",
     "TAIDSchedule",
     "SparseTeacher",
+    "TeacherCache",
+    "TeacherCacheWriter",
+    "CachedTeacherDataset",
+    "TeacherCollator",
+    "CacheError",
     "fused_linear_distill_loss",
     "FusedLinearDistillLoss",
     "ptloss",

@@ -32,14 +32,14 @@ from tgtfast.ops._autodiff import check_no_double_backward
 __all__ = ["default_chunk_size", "prepare", "launch", "Prepared"]
 
 
-_CHUNK_BYTES = 128 * 2**20  # float32 logits of one chunk
+_CHUNK_BYTES = 64 * 2**20  # float32 logits of one chunk
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def default_chunk_size(vocab_size: int) -> int:
     """Rows per chunk when ``chunk_size=None``: the largest power of two whose float32 logits
-    (``rows x vocab_size x 4`` bytes) fit in 128 MiB, clamped to ``[32, 4096]``.
-    ``vocab_size=32000`` gives 1024 rows, ``128256`` gives 256."""
+    (``rows x vocab_size x 4`` bytes) fit in 64 MiB, clamped to ``[32, 4096]``.
+    ``vocab_size=32000`` gives 512 rows, ``128256`` gives 128."""
     rows = max(1, _CHUNK_BYTES // (4 * max(int(vocab_size), 1)))
     return int(min(4096, max(32, 1 << (rows.bit_length() - 1))))
 

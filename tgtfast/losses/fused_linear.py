@@ -87,7 +87,7 @@ def fused_linear_ptloss(
         ce_weight: weight of the hard-label cross-entropy term on the student logits at temperature 1
             (default 0: no cross-entropy). Distillation recipes for language models commonly use
             ``kd_weight = 1 - ce_weight``.
-        chunk_size: rows per chunk; ``None`` picks :func:`default_chunk_size` ``(V)`` (about 128 MiB of float32
+        chunk_size: rows per chunk; ``None`` picks :func:`default_chunk_size` ``(V)`` (about 64 MiB of float32
             logits per buffer; three such buffers are alive at once).
         backend: backend of the fused PTLoss op on each chunk (``None``/``"auto"``, ``"cpp"``, ``"triton"``,
             ``"cuda"``, ``"reference"``, see :func:`tgtfast.backends`). The matrix products always run through

@@ -131,7 +131,7 @@ def fused_linear_distill_loss(
             :func:`tgtfast.distill_loss`); ``"pad"`` copies the smaller projection once with extra rows.
         return_parts: also return the soft and hard terms, reduced and unweighted, detached (for logging):
             ``(loss, soft, hard)``.
-        chunk_size: rows per chunk (default: about 128 MiB of float32 logits per buffer).
+        chunk_size: rows per chunk (default: about 64 MiB of float32 logits per buffer).
         backend: backend of the fused divergence op on each chunk (see :func:`tgtfast.backends`); the matrix
             products always run through torch (MKL / cuBLAS).
 
