@@ -147,6 +147,23 @@ def _matmul_step(chunk_size: Optional[int]):
     return step
 
 
+def _sparse_step(x, args, target):
+    """tgtfast.fused_linear_distill_loss from the teacher's top-k log-probabilities (a SparseTeacher), computed from
+    its logits block by block so that the dense teacher logits are never held whole."""
+    values, indices = [], []
+    with torch.no_grad():
+        for start in range(0, args.n, 512):
+            lp = torch.log_softmax((x["ht"][start:start + 512] @ x["wt"].t()).float(), -1)
+            v, i = lp.topk(args.sparse_k, -1)
+            values.append(v)
+            indices.append(i.int())
+    teacher = tgtfast.SparseTeacher(torch.cat(indices), torch.cat(values))
+    div = args.divergence or "forward_kl"
+    return lambda x: tgtfast.fused_linear_distill_loss(x["hs"], x["ws"], teacher, div, target=target,
+                                                       temperature=args.temperature, ce_weight=args.ce_weight,
+                                                       chunk_size=args.chunk_size, **_divergence_params(args))
+
+
 def make_step(variant: str, coeffs, target, temperature: float, ce_weight: float, chunk_size: Optional[int],
               divergence: Optional[str] = None, params: Optional[Dict[str, float]] = None):
     kw = dict(target=target, temperature=temperature, ce_weight=ce_weight)
@@ -194,6 +211,8 @@ def run_child(variant: str, args: argparse.Namespace, out_path: str) -> Dict:
     x, target, coeffs = make_inputs(args.n, args.h, args.v, args.m, dtype, device)
     step = make_step(variant, coeffs, target, args.temperature, args.ce_weight, args.chunk_size, args.divergence,
                      _divergence_params(args))
+    if args.sparse_k and variant == "fused":  # the teacher as its cached top-k (made here, before the measurement)
+        step = _sparse_step(x, args, target)
     _fwd_bwd(step, x)  # warm-up (and compilation)
     x["hs"].grad = x["ws"].grad = None
     _sync(device)
@@ -246,6 +265,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--chunk-size", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per variant (the first also "
                                                                  "measures peak memory)")
+    parser.add_argument("--sparse-k", type=int, default=0,
+                        help="the fused variant distils from the teacher's top-k log-probabilities (a SparseTeacher "
+                             "with a tail bucket) instead of its hidden states; the other variants keep the dense "
+                             "teacher")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["eager", "compile", "fused"],
                         help="what to run, each in its own process (matmuls: the four products alone, the floor; "
                              "liger: Liger-Kernel's chunked fused linear JSD; chunked_eager: eager autograd per "
@@ -276,6 +299,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 row["max_abs_diff_vs_eager"] = {k: float((got[k] - ref[k]).abs().max()) for k in ref}
     by = {r["variant"]: r for r in rows if "error" not in r}
     what = f"{args.divergence} {_divergence_params(args) or ''}" if args.divergence else f"PTLoss M={args.m}"
+    if args.sparse_k:
+        what += f" (fused: sparse teacher, top-{args.sparse_k})"
     lines = [f"fused linear {what} fwd+bwd  N={args.n} H={args.h} V={args.v} {args.dtype} on "
              f"{args.device} ({torch.get_num_threads()} threads), repeats={args.repeats}",
              f"{'variant':<14}{'median s':>10}{'min s':>9}{'peak MiB':>10}{'peak/eager':>11}{'time/compile':>13}"
