@@ -105,13 +105,15 @@ class SparseTeacher:
 
         first(((idx < 0) | (idx >= vocab_size)).any(-1), f"an index outside [0, {vocab_size})")
         if self.k > 1:
-            ordered = idx.sort(-1).values
+            ordered = (idx.int() if vocab_size < 2**31 else idx).sort(-1).values
             first((ordered[:, 1:] == ordered[:, :-1]).any(-1), "an index repeated within the row")
-        first(torch.isnan(lp).any(-1), "a NaN log-probability")
-        first((lp > slack).any(-1), "a log-probability above 0")
+        lp_bad = ~(lp <= slack).all(-1)  # NaN or above 0 (one pass; told apart only to word the error)
+        if bool((lp_bad & rows).any()):
+            first(torch.isnan(lp).any(-1), "a NaN log-probability")
+            first(lp_bad, "a log-probability above 0")
         if self.tail == "bucket":
-            mass = torch.logsumexp(lp.double(), -1)
-            first(mass > math.log1p(max(slack, 1e-6) * self.k), "kept probabilities summing to more than 1")
+            mass = torch.logsumexp(lp.float(), -1)
+            first(mass > math.log1p(max(slack, 1e-5) * self.k), "kept probabilities summing to more than 1")
 
     def coarse_logprobs(self, temperature: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``[rows, k + 1]`` coarse teacher log-probabilities at `temperature` (the tail last; ``-inf`` for
