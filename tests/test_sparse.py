@@ -185,3 +185,12 @@ def test_bad_construction():
         tgtfast.distill_loss(torch.randn(7, 4), tgtfast.SparseTeacher(indices, values.float()))
     with pytest.raises(ValueError, match="leading shape"):
         tgtfast.distill_loss(torch.randn(6, 40), tgtfast.SparseTeacher(indices, values.float()))
+
+
+def test_a_cache_taken_at_the_loss_temperature_is_used_as_cached():
+    s, t, _, _ = _setup(v=12, seed=5)
+    values, indices = torch.log_softmax(t / 2.0, -1).topk(12, -1)
+    teacher = tgtfast.SparseTeacher(indices, values, temperature=2.0)
+    torch.testing.assert_close(tgtfast.distill_loss(s, teacher, temperature=2.0),
+                               tgtfast.distill_loss(s, t, temperature=2.0))
+    assert "temperature=2" in repr(teacher)

@@ -73,8 +73,8 @@ class TeacherCache:
         if temperature is not None and not math.isclose(m["temperature"], float(temperature), rel_tol=1e-12):
             raise CacheError(
                 f"{where}: the cache stores log-probabilities at temperature {m['temperature']:g} but temperature "
-                f"{float(temperature):g} was expected (tgtfast.SparseTeacher takes temperature-1 log-probabilities; "
-                "the loss applies its own temperature)")
+                f"{float(temperature):g} was expected (pass expected_temperature=None to accept any; a "
+                "TeacherCollator given the cache marks its SparseTeacher with the cache's temperature)")
         if k is not None and m["k"] != k:
             raise CacheError(f"{where}: the cache keeps k = {m['k']} classes per token but k = {k} was expected")
         old = getattr(self, "manifest", None)
@@ -347,8 +347,10 @@ class TeacherCollator:
     def __init__(self, k: Any, *, pad_token_id: int = 0, ignore_index: int = -100, tail: Optional[str] = None,
                  shift_labels: bool = False, mask_labels: bool = True, logprob_dtype: Optional[torch.dtype] = None,
                  pad_to_multiple_of: Optional[int] = None) -> None:
+        self.temperature = 1.0  # of the cached log-probabilities (the cache's own when the cache is given)
         if isinstance(k, TeacherCache):
             tail = k.tail if tail is None else tail
+            self.temperature = float(k.temperature)
             k = k.k
         tail = "bucket" if tail is None else tail
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -397,4 +399,4 @@ class TeacherCollator:
         if self.mask_labels:
             labels = labels.masked_fill(~mask, self.ignore_index)
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "teacher_mask": mask,
-                "teacher": SparseTeacher(indices, logprobs, tail=self.tail)}
+                "teacher": SparseTeacher(indices, logprobs, tail=self.tail, temperature=self.temperature)}

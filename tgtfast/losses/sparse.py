@@ -37,15 +37,22 @@ class SparseTeacher:
             ``<= 0`` and summing (as probabilities) to at most 1 per row.
         tail: ``"bucket"`` (default): the mass ``1 - sum exp(logprobs)`` of every other class is kept as one tail
             class; ``"renormalize"``: the kept classes are renormalised and the others get no probability.
+        temperature: the temperature the log-probabilities were taken at (default 1). A loss at temperature ``T``
+            tempers them by ``T / temperature``: cache at the temperature you distil with, so that the teacher is
+            used as cached (see below).
 
     Accepted by :func:`tgtfast.distill_loss` and :func:`tgtfast.fused_linear_distill_loss` in place of teacher
-    logits. A temperature ``T`` is applied to the teacher as ``log_softmax([logprobs, log tail] / T)`` over the kept
-    classes and the tail bucket (without the tail for ``"renormalize"``).
+    logits. A loss temperature ``T`` is applied to the teacher as ``log_softmax([logprobs, log tail] * temperature /
+    T)`` over the kept classes and the tail bucket (without the tail for ``"renormalize"``). Tempering the bucket is
+    not tempering the classes in it: with ``T`` different from the cache's temperature the teacher's tail mass is
+    badly misjudged (benchmarks/README.md, "Sparse (top-k) teachers": at ``T = 2`` from a temperature-1 cache the loss
+    was 20-690% off); cache at the temperature you train with.
 
     Rows whose ``target`` is ``ignore_index`` are not checked (padding may hold anything).
     """
 
-    def __init__(self, indices: torch.Tensor, logprobs: torch.Tensor, *, tail: str = "bucket") -> None:
+    def __init__(self, indices: torch.Tensor, logprobs: torch.Tensor, *, tail: str = "bucket",
+                 temperature: float = 1.0) -> None:
         V.tensor("indices", indices)
         V.tensor("logprobs", logprobs, floating=True)
         if indices.dtype not in (torch.int32, torch.int64):
@@ -59,6 +66,7 @@ class SparseTeacher:
         self.indices = indices
         self.logprobs = logprobs
         self.tail = V.choice("tail", tail, TAILS)
+        self.temperature = V.temperature(temperature)
 
     @property
     def k(self) -> int:
@@ -74,15 +82,17 @@ class SparseTeacher:
         return self.indices.device
 
     def to(self, device) -> "SparseTeacher":
-        return SparseTeacher(self.indices.to(device), self.logprobs.to(device), tail=self.tail)
+        return SparseTeacher(self.indices.to(device), self.logprobs.to(device), tail=self.tail,
+                             temperature=self.temperature)
 
     def rows(self, start: int, end: int) -> "SparseTeacher":
         """Rows ``[start, end)`` of the flattened teacher."""
         return SparseTeacher(self.indices.reshape(-1, self.k)[start:end], self.logprobs.reshape(-1, self.k)[start:end],
-                             tail=self.tail)
+                             tail=self.tail, temperature=self.temperature)
 
     def __repr__(self) -> str:
-        return f"SparseTeacher(shape={tuple(self.shape)}, k={self.k}, tail={self.tail!r})"
+        return (f"SparseTeacher(shape={tuple(self.shape)}, k={self.k}, tail={self.tail!r}, "
+                f"temperature={self.temperature:g})")
 
     def check(self, vocab_size: int, valid: Optional[torch.Tensor] = None) -> None:
         """Raise a ValueError naming the first bad row: an index outside ``[0, vocab_size)`` or repeated within a row,
@@ -119,7 +129,7 @@ class SparseTeacher:
         """``[rows, k + 1]`` coarse teacher log-probabilities at `temperature` (the tail last; ``-inf`` for
         ``"renormalize"``), computed in float64 and returned in `dtype`."""
         lp = self.logprobs.reshape(-1, self.k).double().clamp(max=0.0)
-        return reference.sparse_teacher_logprobs(lp, self.tail, temperature).to(dtype)
+        return reference.sparse_teacher_logprobs(lp, self.tail, temperature / self.temperature).to(dtype)
 
     def flat_indices(self) -> torch.Tensor:
         return self.indices.reshape(-1, self.k).to(torch.int64).contiguous()
