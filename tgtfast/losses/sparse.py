@@ -125,11 +125,14 @@ class SparseTeacher:
             mass = torch.logsumexp(lp.float(), -1)
             first(mass > math.log1p(max(slack, 1e-5) * self.k), "kept probabilities summing to more than 1")
 
-    def coarse_logprobs(self, temperature: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def coarse_logprobs(self, temperature: float = 1.0, dtype: torch.dtype = torch.float32,
+                        vocab_size: Optional[int] = None) -> torch.Tensor:
         """``[rows, k + 1]`` coarse teacher log-probabilities at `temperature` (the tail last; ``-inf`` for
         ``"renormalize"``), computed in float64 and returned in `dtype`."""
         lp = self.logprobs.reshape(-1, self.k).double().clamp(max=0.0)
-        return reference.sparse_teacher_logprobs(lp, self.tail, temperature / self.temperature).to(dtype)
+        # k = V: no class is left for the tail, whatever mass float rounding leaves it (the student has none there)
+        tail = "renormalize" if vocab_size is not None and self.k >= vocab_size else self.tail
+        return reference.sparse_teacher_logprobs(lp, tail, temperature / self.temperature).to(dtype)
 
     def flat_indices(self) -> torch.Tensor:
         return self.indices.reshape(-1, self.k).to(torch.int64).contiguous()
@@ -173,7 +176,7 @@ def sparse_rows(student: torch.Tensor, teacher: SparseTeacher, div, a_s: float, 
     check_divergence(div.name, div.param_a, div.param_b, teacher.tail)
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     idx = teacher.flat_indices()
-    lp_t = teacher.coarse_logprobs(temperature, acc)
+    lp_t = teacher.coarse_logprobs(temperature, acc, v)
     chosen = select(backend, student.device, student.dtype, op="sparse_coarse")
     if chosen is Backend.REFERENCE:
         s = student.to(acc)
