@@ -158,9 +158,10 @@ def check_divergence(name: str, param_a: float, param_b: float, tail: str) -> No
 
 
 def sparse_rows(student: torch.Tensor, teacher: SparseTeacher, div, a_s: float, temperature: float,
-                valid: Optional[torch.Tensor], backend: Optional[str], who: str) -> torch.Tensor:
+                valid: Optional[torch.Tensor], backend: Optional[str], who: str, check: bool = True) -> torch.Tensor:
     """Per-row divergence between the dense student rows ``student`` ``[N, V]`` (logits; ``a_s`` = logit scale /
-    T) and the sparse teacher, on the backend the dispatcher picks; differentiable wrt ``student``."""
+    T) and the sparse teacher, on the backend the dispatcher picks; differentiable wrt ``student``. ``check=False``:
+    the caller has checked the teacher's rows and the divergence already (once for all its chunks)."""
     from tgtfast.dispatch import Backend, select
     from tgtfast.ops import divergence as _div_op
     from tgtfast.ops import sparse as _sparse_op
@@ -172,8 +173,9 @@ def sparse_rows(student: torch.Tensor, teacher: SparseTeacher, div, a_s: float, 
                          f"but the student has {n} rows")
     if teacher.device != student.device:
         raise ValueError(f"the sparse teacher is on {teacher.device} but the student is on {student.device}")
-    teacher.check(v, valid)
-    check_divergence(div.name, div.param_a, div.param_b, teacher.tail)
+    if check:
+        teacher.check(v, valid)
+        check_divergence(div.name, div.param_a, div.param_b, teacher.tail)
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     idx = teacher.flat_indices()
     lp_t = teacher.coarse_logprobs(temperature, acc, v)
