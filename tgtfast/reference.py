@@ -264,15 +264,19 @@ def distill_loss(
     reduction: str = "batchmean",
     ignore_index: int = -100,
     target: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Reference of :func:`tgtfast.distill_loss` with the parameters in the kernels' order (see
-    :func:`divergence_rows`); ignored rows are left out, reductions as :func:`reduce_rows`."""
+    :func:`divergence_rows`); ignored rows are left out, reductions as :func:`reduce_rows`; ``weight`` (the
+    leading shape) multiplies each row's divergence before the reduction."""
     valid = None if target is None else target != ignore_index
     if valid is not None:
         student_logits, teacher_logits = mask_rows(student_logits, teacher_logits, valid, True)
     rows = divergence_rows(
         student_logits, teacher_logits, divergence, param_a=param_a, param_b=param_b, temperature=temperature
     )
+    if weight is not None:
+        rows = rows * weight.reshape(rows.shape)
     return reduce_rows(rows, valid, reduction)
 
 

@@ -177,6 +177,35 @@ def clamp_value_min0(rows: torch.Tensor) -> torch.Tensor:
     return rows + fix
 
 
+def row_weights(weight: Optional[torch.Tensor], lead: torch.Size, device: torch.device) -> Optional[torch.Tensor]:
+    """Check a per-row loss ``weight`` (the leading shape ``lead`` of the logits, or those rows flattened) and
+    return it flat ``[N]``; None stays None. Finite and non-negative (checked on the host; skipped while
+    torch.compile traces)."""
+    if weight is None:
+        return None
+    V.tensor("weight", weight, floating=True)
+    rows = math.prod(lead)
+    if weight.shape != lead and tuple(weight.shape) != (rows,):
+        raise ValueError(f"weight must have the logits' leading shape {tuple(lead)} (or be flat [{rows}]), got "
+                         f"shape {tuple(weight.shape)}")
+    V.same_device("weight", weight, "student_logits", device)
+    if not V.is_compiling() and weight.numel():
+        w = weight.detach()
+        if bool(torch.isnan(w).any()):
+            raise ValueError("weight must not contain NaN")
+        if bool((w < 0).any()):
+            raise ValueError(f"weight must be non-negative, found {float(w.min()):.6g}")
+        if bool(torch.isinf(w).any()):
+            raise ValueError("weight must be finite (found inf)")
+    return weight.reshape(rows)
+
+
+def apply_row_weights(rows: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per-row losses times their weights (ignored rows are already 0 and stay 0). The fused ops' stored
+    gradients are scaled by the same column in their backward (the incoming gradient is no longer uniform)."""
+    return rows if weight is None else rows * weight.to(rows.dtype)
+
+
 def distill_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -196,6 +225,7 @@ def distill_loss(
     logit_softcap: Pair = None,
     vocab_mismatch: Optional[str] = None,
     backend: Optional[str] = None,
+    weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     r"""A distillation divergence between teacher and student logits, loss and gradients in one fused pass.
 
@@ -253,6 +283,14 @@ def distill_loss(
         backend: ``None`` / ``"auto"``, ``"cpp"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (see
             :func:`tgtfast.backends`). Only ``"reference"`` supports forward-mode AD and double backward; the fused
             backends raise a clear error for them.
+        weight: optional per-row loss weights, the logits' leading shape (``[N]`` or ``[B, L]``), finite and
+            non-negative (NaN, inf or a negative weight is a ``ValueError``). Each row's divergence is multiplied
+            by its weight before the reduction, so its gradients scale by the same factor; a mean still divides by
+            the number of rows not ignored (or ``num_items_in_batch``), not by the weights' sum: pass
+            ``num_items_in_batch=weight.sum()`` for a weight-normalised mean. A weight that requires grad gets the
+            per-row divergences as its gradient. The fused pass over the logits is unchanged; the backward
+            multiplies the stored ``[N, V]`` gradient by the weight column (the same product any non-uniform
+            upstream gradient costs). Used by :mod:`tgtfast.imperfect` (teacher-reliability weights).
 
     Returns:
         The reduced loss (0-dim; float32, float64 for float64 inputs), or per-row losses for ``"none"``.
@@ -268,7 +306,7 @@ def distill_loss(
     if isinstance(teacher_logits, SparseTeacher):
         return _sparse_distill_loss(student_logits, teacher_logits, divergence, dict(beta=beta, alpha=alpha, lam=lam,
                                     t=t), temperature, target, ignore_index, reduction, num_items_in_batch,
-                                    t2_scaling, logit_scale, logit_softcap, backend)
+                                    t2_scaling, logit_scale, logit_softcap, backend, weight)
     V.tensor("teacher_logits", teacher_logits, floating=True)
     if teacher_logits.shape[:-1] != student_logits.shape[:-1]:
         raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} does not match student_logits shape "
@@ -290,6 +328,7 @@ def distill_loss(
     if target is not None:
         V.target(target, lead, "the logits'", "student_logits", s.device)
         valid = (target != ignore_index).reshape(-1)
+    w = row_weights(weight, lead, s.device)
     # Soft-capping is a torch op before the kernel; a logit scale alone folds into the kernel's scale (free).
     if cap_s is not None:
         s, scale_s = model_logits(s, scale_s, cap_s), None
@@ -310,24 +349,24 @@ def distill_loss(
                                          param_b=div.param_b)
         if valid is not None:
             rows = torch.where(valid, rows, rows.new_zeros(()))
-        weight = row_weight(reduction, rows.shape[0], valid, num_items_in_batch)
+        scale = row_weight(reduction, rows.shape[0], valid, num_items_in_batch)
     else:
         check_no_tangent("tgtfast.distill_loss", student_logits, teacher_logits)
         grad_on = torch.is_grad_enabled()
-        weight = row_weight(reduction, s.shape[0], valid, num_items_in_batch)
+        scale = row_weight(reduction, s.shape[0], valid, num_items_in_batch)
         rows, _, _ = _op.impl(chosen)(
             s.contiguous(), tch.contiguous(), None if valid is None else valid.contiguous(), div.code,
             div.param_a, div.param_b, a_s, a_t, grad_on and s.requires_grad, grad_on and tch.requires_grad,
-            (1.0 if weight is None else weight) * multiplier,
+            (1.0 if scale is None else scale) * multiplier,
         )
-    rows = clamp_value_min0(rows)
-    out = reduce(rows, reduction, weight, valid, num_items_in_batch, multiplier)
+    rows = apply_row_weights(clamp_value_min0(rows), w)
+    out = reduce(rows, reduction, scale, valid, num_items_in_batch, multiplier)
     return out.reshape(lead) if reduction == "none" else out
 
 
 def _sparse_distill_loss(student_logits, teacher: SparseTeacher, divergence, params, temperature, target,
                          ignore_index, reduction, num_items_in_batch, t2_scaling, logit_scale, logit_softcap,
-                         backend):
+                         backend, weight=None):
     """:func:`distill_loss` against a :class:`SparseTeacher` (its arguments, already partly checked)."""
     div = resolve(divergence, **params)
     temperature = V.temperature(temperature, student_logits.dtype)
@@ -343,12 +382,13 @@ def _sparse_distill_loss(student_logits, teacher: SparseTeacher, divergence, par
     if target is not None:
         V.target(target, lead, "the logits'", "student_logits", student_logits.device)
         valid = (target != ignore_index).reshape(-1)
+    w = row_weights(weight, lead, student_logits.device)
     s = student_logits
     if cap_s is not None:
         s, scale_s = model_logits(s, scale_s, cap_s), None
     a_s = (1.0 if scale_s is None else scale_s) / temperature
     rows = sparse_rows(s.reshape(-1, k), teacher, div, a_s, temperature, valid, backend, "tgtfast.distill_loss")
-    rows = clamp_value_min0(rows)
-    weight = row_weight(reduction, rows.shape[0], valid, num_items_in_batch)
-    out = reduce(rows, reduction, weight, valid, num_items_in_batch, temperature**2 if t2_scaling else 1.0)
+    rows = apply_row_weights(clamp_value_min0(rows), w)
+    scale = row_weight(reduction, rows.shape[0], valid, num_items_in_batch)
+    out = reduce(rows, reduction, scale, valid, num_items_in_batch, temperature**2 if t2_scaling else 1.0)
     return out.reshape(lead) if reduction == "none" else out

@@ -1,7 +1,7 @@
 """One ``nn.Module`` per divergence of :func:`tgtfast.distill_loss`.
 
 Each holds its parameters and conventions (temperature, reduction, logit transforms, vocabulary handling) and is
-called as ``loss_fn(student_logits, teacher_logits, target=None, num_items_in_batch=None)``.
+called as ``loss_fn(student_logits, teacher_logits, target=None, num_items_in_batch=None, weight=None)``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ class DistillLoss(nn.Module):
     """:func:`tgtfast.distill_loss` as a module: ``DistillLoss("jsd", beta=0.5, temperature=2.0)``.
 
     The arguments are checked here, once; the call takes ``(student_logits, teacher_logits, target=None, *,
-    num_items_in_batch=None)``. The per-divergence classes below fix ``divergence``."""
+    num_items_in_batch=None, weight=None)`` (``weight``: per-row loss weights, see :func:`tgtfast.distill_loss`).
+    The per-divergence classes below fix ``divergence``."""
 
     def __init__(
         self,
@@ -71,9 +72,10 @@ class DistillLoss(nn.Module):
         return self.params
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                target: Optional[torch.Tensor] = None, *, num_items_in_batch=None) -> torch.Tensor:
+                target: Optional[torch.Tensor] = None, *, num_items_in_batch=None,
+                weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         return D.distill_loss(student_logits, teacher_logits, self.divergence, target=target,
-                              num_items_in_batch=num_items_in_batch, **self._params(), **self.kwargs)
+                              num_items_in_batch=num_items_in_batch, weight=weight, **self._params(), **self.kwargs)
 
     def extra_repr(self) -> str:
         params = "".join(f", {k}={v}" for k, v in self._params().items())
