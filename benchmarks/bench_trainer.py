@@ -53,7 +53,7 @@ def main() -> None:
         student, labeler, decoder, encoder = models(d_in, latent, k)
         cfg = tgtfast.TGTConfig(exploration=mode, sigma=0.5, samples_per_example=args.samples, explore_steps=3,
                                 batch_size=args.batch, max_steps=args.steps + 2, log_every=1, progress=False)
-        trainer = tgtfast.TGTTrainer(student, labeler, decoder, encoder, config=cfg)
+        trainer = tgtfast.TGTTrainer(student, labeler, decoder=decoder, encoder=encoder, config=cfg)
         t0 = time.perf_counter()
         hist = trainer.fit((x, y))
         total = time.perf_counter() - t0

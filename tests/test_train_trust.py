@@ -46,8 +46,13 @@ def data():
     return torch.randn(N, D, generator=g), torch.randint(0, K, (N,), generator=g)
 
 
+def trainer(cfg):
+    student, labeler, decoder, encoder = models()
+    return TGTTrainer(student, labeler, decoder=decoder, encoder=encoder, config=cfg)
+
+
 def fit(cfg, d=None):
-    return TGTTrainer(*models(), config=cfg).fit(data() if d is None else d)
+    return trainer(cfg).fit(data() if d is None else d)
 
 
 def cfg_for(out_dir, **kw):
@@ -157,11 +162,11 @@ def test_bad_label_far_in_the_training_set_is_named_before_training(tmp_path):
     y[17] = K
     steps = []
     with pytest.raises(ValueError, match=r"labels must be in \[0, 4\) or -100 .*training example 17 has label 4"):
-        TGTTrainer(*models(), config=cfg_for(tmp_path / "out")).fit((x, y), callback=lambda t, r: steps.append(r))
+        trainer(cfg_for(tmp_path / "out")).fit((x, y), callback=lambda t, r: steps.append(r))
     assert steps == [] and not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="training example 17 has label -3"):  # also without the teacher cache
         y[17] = -3
-        TGTTrainer(*models(), config=cfg_for(tmp_path / "out", cache_teacher=False)).fit((x, y))
+        trainer(cfg_for(tmp_path / "out", cache_teacher=False)).fit((x, y))
 
 
 def test_cli_bad_label_exits_2_without_traceback(tmp_path, monkeypatch):

@@ -59,7 +59,8 @@ def data(n=N, unlabelled=True):
 def train(cfg, *, loss=None, s=None, d=None, val=None, **kw):
     s = student() if s is None else s
     lab, dec, enc = teacher()
-    hist = TGTTrainer(s, lab, dec, enc, loss=loss, config=cfg, **kw).fit(data() if d is None else d, val=val)
+    tr = TGTTrainer(s, lab, decoder=dec, encoder=enc, loss=loss, config=cfg, **kw)
+    hist = tr.fit(data() if d is None else d, val=val)
     return s, hist
 
 
@@ -102,7 +103,7 @@ def test_loss_terms_match_eager_step():
                     optimizer="sgd", momentum=0.0, lr=lr, seed=9, log_every=1, progress=False, **w)
     lab, dec, enc = teacher()
     s_trained = student()
-    tr = TGTTrainer(s_trained, lab, dec, enc, loss=tgtfast.KDLoss(temperature=T), config=cfg)
+    tr = TGTTrainer(s_trained, lab, decoder=dec, encoder=enc, loss=tgtfast.KDLoss(temperature=T), config=cfg)
     x_all, y_all = data()
     hist = tr.fit((x_all, y_all))
 
@@ -142,7 +143,7 @@ def test_gradient_exploration_matches_eager_ascent():
                     explore_step_size=eta, explore_radius=radius, batch_size=N, max_steps=1, seed=4, log_every=1,
                     progress=False)
     lab, dec, enc = teacher()
-    tr = TGTTrainer(student(), lab, dec, enc, loss=tgtfast.KDLoss(temperature=T), config=cfg)
+    tr = TGTTrainer(student(), lab, decoder=dec, encoder=enc, loss=tgtfast.KDLoss(temperature=T), config=cfg)
     x_all, y_all = data()
     hist = tr.fit((x_all, y_all))
     _, [(_, idx, _, _)] = StepPlan(cfg, N).batches(0)
@@ -173,7 +174,7 @@ def test_gradient_exploration_ascends_and_respects_radius():
 
     def explored(**kw):
         cfg = TGTConfig(exploration="gradient", sigma=0.0, progress=False, **kw)
-        tr = TGTTrainer(student(), lab, nn.Identity(), nn.Identity(), loss=loss, config=cfg)
+        tr = TGTTrainer(student(), lab, decoder=nn.Identity(), encoder=nn.Identity(), loss=loss, config=cfg)
         tr._freeze_teacher()
         x_new, t_new = explore(x, config=cfg, step=0, micro=0, start=0, student=tr.student, decoder=tr.decoder,
                                labeler=tr.labeler, loss=tr.loss, temperature=tr.temperature)
@@ -285,20 +286,21 @@ def test_bad_models_and_data():
     cfg = TGTConfig(batch_size=8, max_steps=1, progress=False)
     wide = nn.Linear(D, K + 1)
     with pytest.raises(ValueError, match="student's output width \\(5\\) differs from the labeler's \\(4\\)"):
-        TGTTrainer(wide, lab, dec, enc, config=cfg).fit(data())
+        TGTTrainer(wide, lab, decoder=dec, encoder=enc, config=cfg).fit(data())
     bad_dec = nn.Linear(LATENT, D + 2)
     with pytest.raises(ValueError, match="decoder's output"):
-        TGTTrainer(student(), lab, bad_dec, enc, config=cfg).fit(data())
+        TGTTrainer(student(), lab, decoder=bad_dec, encoder=enc, config=cfg).fit(data())
     with pytest.raises(ValueError, match="decoder cannot take"):
-        TGTTrainer(student(), lab, nn.Linear(LATENT + 1, D), enc, config=cfg).fit(data())
+        TGTTrainer(student(), lab, decoder=nn.Linear(LATENT + 1, D), encoder=enc, config=cfg).fit(data())
     with pytest.raises(ValueError, match="train is empty"):
-        TGTTrainer(student(), lab, dec, enc, config=cfg).fit((torch.zeros(0, D), torch.zeros(0, dtype=torch.long)))
+        TGTTrainer(student(), lab, decoder=dec, encoder=enc, config=cfg).fit(
+            (torch.zeros(0, D), torch.zeros(0, dtype=torch.long)))
     with pytest.raises(ValueError, match="needs an encoder"):
-        TGTTrainer(student(), lab, dec, None, config=cfg)
+        TGTTrainer(student(), lab, decoder=dec, encoder=None, config=cfg)
     with pytest.raises(TypeError, match="config must be a tgtfast.TGTConfig"):
-        TGTTrainer(student(), lab, dec, enc, config={"batch_size": 8})
+        TGTTrainer(student(), lab, decoder=dec, encoder=enc, config={"batch_size": 8})
     with pytest.raises(ValueError, match="labels must be in"):
-        TGTTrainer(student(), lab, dec, enc, config=cfg).fit((data()[0], torch.full((N,), K)))
+        TGTTrainer(student(), lab, decoder=dec, encoder=enc, config=cfg).fit((data()[0], torch.full((N,), K)))
 
 
 def test_checkpoint_from_another_config_is_refused_and_kept(tmp_path):

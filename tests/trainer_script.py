@@ -59,7 +59,7 @@ def run(out_dir, result, *, kill_at=0, resume=False, mode="random", dropout=Fals
         out_dir=str(out_dir), checkpoint_every=checkpoint_every, resume=resume, overwrite=not resume,
         log_every=1, plot=False, progress=False,
     )
-    trainer = tgtfast.TGTTrainer(student, labeler, decoder, encoder, loss=tgtfast.KDLoss(temperature=2.0), config=cfg)
+    trainer = tgtfast.TGTTrainer(student, labeler, decoder=decoder, encoder=encoder, loss=tgtfast.KDLoss(temperature=2.0), config=cfg)
 
     def callback(tr, record):
         if kill_at and record["step"] == kill_at:

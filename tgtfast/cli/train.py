@@ -415,7 +415,7 @@ def _run(args: argparse.Namespace):
     train, val = _split_data(_build(cfg["data"], "data", base_dir))
     batch_fn = _resolve(cfg["batch_fn"], "batch_fn", base_dir) if cfg.get("batch_fn") is not None else None
     loss = _make_loss(cfg.get("loss"), labeler, val, batch_fn, base_dir)
-    trainer = tgtfast.TGTTrainer(student, labeler, decoder, encoder, loss=loss, config=config, batch_fn=batch_fn)
+    trainer = tgtfast.TGTTrainer(student, labeler, decoder=decoder, encoder=encoder, loss=loss, config=config, batch_fn=batch_fn)
     return trainer.fit(train, val), config.out_dir
 
 

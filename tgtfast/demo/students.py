@@ -49,7 +49,7 @@ def train_student(method: str, loss: str, x: torch.Tensor, y: torch.Tensor, teac
         batch_size=len(y), optimizer="adam", lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed, device="cpu",
         out_dir=None, progress=False, plot=False,
     )
-    trainer = tgtfast.TGTTrainer(student, teacher.labeler, teacher.vae.decoder, teacher.vae.encoder,
+    trainer = tgtfast.TGTTrainer(student, teacher.labeler, decoder=teacher.vae.decoder, encoder=teacher.vae.encoder,
                                  loss=_distill_loss(loss, coeffs, cfg.temperature), config=config)
     trainer.fit((x, y))
     return student.eval()

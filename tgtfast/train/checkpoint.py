@@ -42,7 +42,7 @@ OUTPUT_NAMES = (CHECKPOINT_NAME, "metrics.jsonl", "history.json", "curves.png") 
 # that a resumed run must match.
 NOT_FINGERPRINTED = frozenset(
     {"out_dir", "checkpoint_every", "resume", "overwrite", "log_every", "eval_every", "progress", "plot",
-     "device", "distributed_backend", "num_workers"}
+     "device", "distributed_backend", "num_workers", "ece_bins"}
 )
 
 _REQUIRED = ("fingerprint", "step", "student", "optimizer", "scheduler", "rng", "history", "config")

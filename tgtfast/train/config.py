@@ -11,12 +11,20 @@ import torch
 
 from tgtfast import validation
 
-__all__ = ["TGTConfig", "EXPLORATIONS", "OPTIMIZERS", "SCHEDULES", "DISTRIBUTED_BACKENDS"]
+__all__ = ["TGTConfig", "EXPLORATIONS", "OPTIMIZERS", "SCHEDULES", "DISTRIBUTED_BACKENDS", "DEFAULT_MAX_STEPS",
+           "SHORT_RUN_STEPS", "ShortRunWarning"]
 
 EXPLORATIONS = ("none", "random", "gradient")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
 DISTRIBUTED_BACKENDS = ("gloo", "nccl", "mpi")
+DEFAULT_MAX_STEPS = 1000  # the run length when neither max_steps nor epochs is set
+SHORT_RUN_STEPS = 50  # a run of fewer optimiser steps, counted from epochs, is warned about
+
+
+class ShortRunWarning(UserWarning):
+    """A run whose length comes from ``epochs`` has fewer than :data:`SHORT_RUN_STEPS` optimiser steps (e.g. one
+    epoch of a small dataset): it rarely trains a model. Set ``max_steps`` to say how many steps you want."""
 
 _FIELD_DOCS = {
     "w_ce": "weight of CE(f(x), y) on the labelled examples (>= 0)",
@@ -32,10 +40,15 @@ _FIELD_DOCS = {
                          "exactly explore_step_size; false: plain gradient ascent on the summed divergence",
     "explore_radius": "if set, keep every explored code within this L2 distance of Enc(x) (projection)",
     "batch_size": "examples per micro-batch over all processes (the global micro-batch, split between ranks)",
+    "labelled_per_batch": "labelled examples in every global micro-batch, the rest unlabelled (from fit(..., "
+                          "unlabelled=...), else the examples of train labelled -100), so that no batch lacks labels; "
+                          "null: with an unlabelled stream the pools' proportion (at least 1), without one batches "
+                          "are drawn from all examples alike",
     "grad_accum_steps": "micro-batches per optimiser step; the loss is normalised by the total number of examples "
                         "in them (labelled examples for the CE term)",
-    "epochs": "passes over the training set (ignored when max_steps is set)",
-    "max_steps": "optimiser steps to run; overrides epochs",
+    "epochs": "passes over the training set (ignored when max_steps is set); a run counted in epochs that has "
+              "fewer than 50 optimiser steps gets a ShortRunWarning",
+    "max_steps": "optimiser steps to run; overrides epochs. With neither set, a run is 1000 optimiser steps",
     "drop_last": "skip a last micro-batch smaller than batch_size (one smaller than the number of processes is "
                  "always skipped)",
     "optimizer": "'adamw', 'adam' or 'sgd'",
@@ -59,6 +72,7 @@ _FIELD_DOCS = {
     "num_workers": "DataLoader worker processes that load and collate the batches (0: the main process does); "
                    "tensor data is always gathered in the main process",
     "eval_every": "evaluate on the validation set every N steps (0: only at the end)",
+    "ece_bins": "equal-width confidence bins of the expected calibration error reported by evaluation (>= 1)",
     "progress": "show a tqdm progress bar; null: when stderr is a terminal",
     "plot": "write curves.png at the end (needs matplotlib)",
     "distributed_backend": "process-group backend under torchrun: 'gloo', 'nccl' or 'mpi'; null: NCCL on CUDA, "
@@ -72,8 +86,10 @@ _BOUNDS = {
     "explore_step_size": (0.0, False), "lr": (0.0, False), "explore_radius": (0.0, False),
     "grad_clip": (0.0, False),
     "samples_per_example": (1, True), "explore_steps": (1, True), "batch_size": (1, True),
+    "labelled_per_batch": (1, True),
     "grad_accum_steps": (1, True), "epochs": (1, True), "max_steps": (1, True), "log_every": (1, True),
     "warmup_steps": (0, True), "checkpoint_every": (0, True), "eval_every": (0, True), "seed": (0, True),
+    "ece_bins": (1, True),
     "num_workers": (0, True),
 }
 _CHOICES = {"exploration": EXPLORATIONS, "optimizer": OPTIMIZERS, "lr_schedule": SCHEDULES,
@@ -98,8 +114,9 @@ class TGTConfig:
     explore_normalize: bool = True
     explore_radius: Optional[float] = None
     batch_size: int = 64
+    labelled_per_batch: Optional[int] = None
     grad_accum_steps: int = 1
-    epochs: int = 1
+    epochs: Optional[int] = None
     max_steps: Optional[int] = None
     drop_last: bool = False
     optimizer: str = "adamw"
@@ -120,6 +137,7 @@ class TGTConfig:
     log_every: int = 10
     num_workers: int = 0
     eval_every: int = 0
+    ece_bins: int = 15
     progress: Optional[bool] = None
     plot: bool = True
     distributed_backend: Optional[str] = None
@@ -133,6 +151,9 @@ class TGTConfig:
                 torch.device(self.device)
             except RuntimeError:
                 raise ValueError(f"config.device must name a torch device, got {self.device!r}") from None
+        if self.labelled_per_batch is not None and self.labelled_per_batch > self.batch_size:
+            raise ValueError(f"config.labelled_per_batch ({self.labelled_per_batch}) must be at most config.batch_size "
+                             f"({self.batch_size})")
         if (self.checkpoint_every or self.resume) and self.out_dir is None:
             raise ValueError("config.checkpoint_every and config.resume need config.out_dir")
 

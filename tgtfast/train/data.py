@@ -4,13 +4,15 @@ sampler that lets DataLoader workers load the batches in that order."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from tgtfast.train.noise import mix
 
-__all__ = ["TensorPairs", "as_dataset", "default_batch_fn", "load_batch", "StepPlan", "StepSampler"]
+__all__ = ["TensorPairs", "Joined", "as_dataset", "default_batch_fn", "load_batch", "run_length", "StepPlan",
+           "StepSampler"]
 
 Batch = Tuple[int, List[int], int, int]  # micro index, local example indices, first local position, global size
 
@@ -69,6 +71,8 @@ def default_batch_fn(batch: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
 def load_batch(dataset, collate, batch_fn: Callable, indices: Sequence[int], device: torch.device,
                batch: Any = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(inputs, labels)`` of the examples ``indices`` on ``device`` (``batch``: already collated by a worker)."""
+    if isinstance(dataset, Joined) and batch is None:
+        return dataset.load(batch_fn, indices, device)
     if batch is not None:  # collated by a DataLoader worker
         pass
     elif isinstance(dataset, TensorPairs):  # rows of tensors: one gather instead of a per-example collate
@@ -92,6 +96,60 @@ def load_batch(dataset, collate, batch_fn: Callable, indices: Sequence[int], dev
     return x, y
 
 
+class Joined:
+    """The training set followed by an unlabelled stream, indexed as one: ``0 .. n_train - 1`` are ``train``,
+    ``n_train ..`` the unlabelled examples. Each part is loaded with its own collate function; the unlabelled
+    part's labels (if ``batch_fn`` returns any) are replaced by -100."""
+
+    def __init__(self, train: Any, train_collate: Callable, unlabelled: Any, unlabelled_collate: Callable) -> None:
+        self.parts = ((train, train_collate), (unlabelled, unlabelled_collate))
+        self.n_train = len(train)
+
+    def __len__(self) -> int:
+        return self.n_train + len(self.parts[1][0])
+
+    def load(self, batch_fn: Callable, indices: Sequence[int], device: torch.device
+             ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(inputs, labels)`` of the joined examples ``indices`` in that order (labels -100 where unknown)."""
+        idx = [int(i) for i in indices]
+        first = [i for i in idx if i < self.n_train]
+        second = [i - self.n_train for i in idx if i >= self.n_train]
+        xs, ys = [], []
+        for part, sel in zip(self.parts, (first, second)):
+            if not sel:
+                continue
+            x, y = load_batch(part[0], part[1], batch_fn, sel, device)
+            if y is None or part is self.parts[1]:
+                y = torch.full((x.shape[0],), -100, dtype=torch.long, device=device)
+            xs.append(x)
+            ys.append(y)
+        if len(xs) == 1:
+            return xs[0], ys[0]
+        if xs[0].shape[1:] != xs[1].shape[1:]:
+            raise ValueError(f"unlabelled inputs {tuple(xs[1].shape[1:])} are not shaped like the training inputs "
+                             f"{tuple(xs[0].shape[1:])}")
+        x, y = torch.cat([xs[0], xs[1].to(xs[0].dtype)]), torch.cat(ys)
+        # row r of (x, y) belongs at position loaded_at[r] of indices
+        loaded_at = ([j for j, i in enumerate(idx) if i < self.n_train]
+                     + [j for j, i in enumerate(idx) if i >= self.n_train])
+        where = torch.empty(len(idx), dtype=torch.long)
+        where[torch.tensor(loaded_at, dtype=torch.long)] = torch.arange(len(idx))
+        where = where.to(device)
+        return x[where], y[where]
+
+
+def run_length(config: Any, steps_per_epoch: int) -> Tuple[int, str]:
+    """Optimiser steps of a run and where the number comes from: ``"max_steps"``, ``"epochs"`` (times
+    ``steps_per_epoch``) or ``"default"`` (:data:`~tgtfast.train.config.DEFAULT_MAX_STEPS`)."""
+    from tgtfast.train.config import DEFAULT_MAX_STEPS
+
+    if config.max_steps is not None:
+        return config.max_steps, "max_steps"
+    if config.epochs is not None:
+        return config.epochs * steps_per_epoch, "epochs"
+    return DEFAULT_MAX_STEPS, "default"
+
+
 class StepPlan:
     """How ``n`` examples are cut into steps: micro-batches per epoch, optimiser steps per epoch and in all, and
     the micro-batches of this rank at every step (an epoch's order is a permutation seeded by (seed, epoch))."""
@@ -110,8 +168,26 @@ class StepPlan:
                 f"(drop_last={c.drop_last}, {world_size} processes)"
             )
         self.steps_per_epoch = math.ceil(self.micro / c.grad_accum_steps)
-        self.total = c.max_steps if c.max_steps is not None else c.epochs * self.steps_per_epoch
+        self.total, self.length_from = run_length(c, self.steps_per_epoch)
         self._perm: Optional[Tuple[int, torch.Tensor]] = None  # (epoch, its example order)
+
+    def fresh(self) -> "StepPlan":
+        """An identical plan with its own cached order (for a sampler that runs ahead of the loop)."""
+        return StepPlan(self.config, self.n, self.rank, self.world_size)
+
+    def warn_if_short(self) -> None:
+        """A :class:`~tgtfast.train.config.ShortRunWarning` when the run is counted in epochs and has fewer than
+        :data:`~tgtfast.train.config.SHORT_RUN_STEPS` optimiser steps."""
+        from tgtfast.train.config import SHORT_RUN_STEPS, ShortRunWarning
+
+        if self.length_from == "epochs" and self.total < SHORT_RUN_STEPS:
+            c = self.config
+            warnings.warn(
+                f"this run has only {self.total} optimiser step{'s' if self.total != 1 else ''}: epochs={c.epochs} "
+                f"x {self.steps_per_epoch} step{'s' if self.steps_per_epoch != 1 else ''} per epoch ({self.n} "
+                f"examples, batch_size={c.batch_size}, grad_accum_steps={c.grad_accum_steps}); fewer than "
+                f"{SHORT_RUN_STEPS} steps rarely trains a model. Set max_steps to the number of steps you want "
+                "(or more epochs)", ShortRunWarning, stacklevel=4)
 
     def batches(self, step: int) -> Tuple[int, List[Batch]]:
         """Epoch and this rank's micro-batches of optimiser step ``step``: (micro index, local example indices,
@@ -139,7 +215,7 @@ class StepSampler:
 
     def __init__(self, plan: StepPlan, start: int, total: int) -> None:
         # A plan of its own: the sampler runs ahead of the loop and must not move the loop's cached order.
-        self.plan = StepPlan(plan.config, plan.n, plan.rank, plan.world_size)
+        self.plan = plan.fresh()
         self.start, self.total = start, total
 
     def __iter__(self):

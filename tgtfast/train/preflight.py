@@ -90,19 +90,20 @@ def _probe(student, labeler, encoder, decoder, exploration, x, y) -> Widths:
 def scan_training_set(dataset, collate, batch_fn: Callable, device: torch.device, *, labeler: Callable,
                       encoder: Optional[Callable], widths: Widths, explore: bool, cache: bool, check_labels: bool,
                       batch_size: int, rank: int = 0, world_size: int = 1, show_progress: bool = False
-                      ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                      ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """One pass over the training set (each rank a contiguous shard): every label is checked (a bad one is a
     ``ValueError`` naming the example, raised on every rank) and, with ``cache``, ``Enc(x)`` and ``h(x)`` of
-    every example are computed (index order, all-gathered over the ranks). Returns ``(z, t)``: ``z`` is None
-    without exploration, both are None without ``cache``."""
+    every example are computed (index order, all-gathered over the ranks). Returns ``(z, t, labelled)``: ``z``
+    is None without exploration, ``z`` and ``t`` are None without ``cache``; ``labelled`` ``[n]`` bool marks the
+    examples whose label is not -100 (None when labels are not checked)."""
     n = len(dataset)
     (k,), (d, z_dtype) = widths
     if not cache and not check_labels:
-        return None, None
+        return None, None, None
     per = math.ceil(n / world_size)
     lo, hi = min(rank * per, n), min((rank + 1) * per, n)
     bs = max(batch_size, 256)
-    zs, ts = [], []
+    zs, ts, marks = [], [], []
     bad = n
     bar = progress_bar(range(lo, hi, bs), show_progress and cache, desc="teacher cache",
                        total=math.ceil((hi - lo) / bs))
@@ -112,6 +113,8 @@ def scan_training_set(dataset, collate, batch_fn: Callable, device: torch.device
             if bad == n:
                 j = first_bad_label(y, k)
                 bad = i + j if j >= 0 else n
+            if check_labels:
+                marks.append(y != -100 if y is not None else torch.zeros(x.shape[0], dtype=torch.bool, device=device))
             if cache:
                 ts.append(labeler(x).float())
                 if explore:
@@ -120,11 +123,17 @@ def scan_training_set(dataset, collate, batch_fn: Callable, device: torch.device
     if bad < n:
         _, y = load_batch(dataset, collate, batch_fn, [bad], device)
         raise label_error(bad, int(y[0]), k)
+    labelled = None
+    if check_labels:
+        labelled = torch.cat(marks) if marks else torch.zeros(0, dtype=torch.bool, device=device)
+        if world_size > 1:
+            labelled = gather_rows(labelled.to(torch.uint8), per, n, world_size).bool()
+        labelled = labelled.cpu()
     if not cache:
-        return None, None
+        return None, None, labelled
     t = torch.cat(ts) if ts else torch.zeros(0, k, device=device)
     z = (torch.cat(zs) if zs else torch.zeros(0, d, dtype=z_dtype, device=device)) if explore else None
     if world_size > 1:
         t = gather_rows(t, per, n, world_size)
         z = gather_rows(z, per, n, world_size) if explore else None
-    return z, t
+    return z, t, labelled

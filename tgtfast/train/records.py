@@ -18,7 +18,8 @@ class TGTHistory:
     Train records hold ``step``, ``epoch``, ``lr``, ``loss`` and its terms ``ce``, ``kd``, ``tgt`` (each the
     unweighted normalised term; ``kd`` and ``tgt`` are 0, not computed, when their weight is 0), ``acc`` (on the
     labelled examples of the step), ``examples_per_s`` and ``samples_per_s`` (examples plus generated samples).
-    Val records hold ``step``, ``val_acc``, ``val_ce`` and ``val_kd``."""
+    Val records hold ``step``, ``val_acc``, ``val_nll`` (``val_ce`` is the same number under its older name),
+    ``val_ece`` (see :meth:`TGTTrainer.evaluate`) and ``val_kd``."""
 
     train: List[Dict[str, float]] = field(default_factory=list)
     val: List[Dict[str, float]] = field(default_factory=list)

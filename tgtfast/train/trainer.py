@@ -41,12 +41,13 @@ from torch import nn
 
 from tgtfast.train import checkpoint as ckpt
 from tgtfast.train.config import TGTConfig
-from tgtfast.train.data import StepPlan, StepSampler, TensorPairs, as_dataset, default_batch_fn, load_batch
+from tgtfast.train.data import Joined, StepSampler, TensorPairs, as_dataset, default_batch_fn, load_batch
 from tgtfast.train.distributed import broadcast_object, resolve_device, setup_distributed
 from tgtfast.train.exploration import autocast, explore, loss_sum
 from tgtfast.train.noise import mix
 from tgtfast.train.preflight import probe, scan_training_set
 from tgtfast.train.records import TGTHistory, append_jsonl, plot_history, progress
+from tgtfast.train.streams import make_plan
 
 __all__ = ["TGTTrainer"]
 
@@ -54,7 +55,8 @@ __all__ = ["TGTTrainer"]
 class TGTTrainer:
     """Train ``student`` by Teacher Guided Training (see the module docstring for the objective).
 
-    Args:
+    Args (everything after ``student, labeler`` is keyword-only; passing more positional arguments, as the old
+    ``TGTTrainer(student, labeler, decoder, encoder)`` did, is a ``TypeError`` saying so):
         student: the model trained; maps a batch of inputs ``x`` to logits ``[N, K]``.
         labeler: the frozen teacher labeler ``h``: inputs to logits ``[N, K]``.
         decoder: the frozen teacher decoder ``Dec: [N, d] -> inputs`` (``None`` only with ``exploration="none"``).
@@ -77,9 +79,9 @@ class TGTTrainer:
         self,
         student: nn.Module,
         labeler: Callable[[torch.Tensor], torch.Tensor],
+        *positional: Any,
         decoder: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         encoder: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-        *,
         loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
         config: Optional[TGTConfig] = None,
         batch_fn: Optional[Callable[[Any], Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None,
@@ -87,6 +89,11 @@ class TGTTrainer:
     ) -> None:
         import tgtfast
 
+        if positional:
+            raise TypeError(
+                f"TGTTrainer takes two positional arguments (student, labeler); the other {len(positional)} must be "
+                "passed by name: TGTTrainer(student, labeler, decoder=..., encoder=..., loss=..., config=...) "
+                "(decoder and encoder are easy to swap by position, so they are keyword-only)")
         config = TGTConfig() if config is None else config
         if not isinstance(config, TGTConfig):
             raise TypeError(f"config must be a tgtfast.TGTConfig, got {type(config).__name__}")
@@ -257,7 +264,12 @@ class TGTTrainer:
 
     @torch.no_grad()
     def evaluate(self, data: Any) -> Dict[str, float]:
-        """Accuracy and CE on the labelled examples of ``data`` and KD loss to the labeler on all of them."""
+        """Metrics of the student on ``data``: on its labelled examples accuracy ``val_acc``, negative
+        log-likelihood ``val_nll`` (natural log, at temperature 1; ``val_ce`` is the same number under its older
+        name) and expected calibration error ``val_ece`` (``config.ece_bins`` equal-width confidence bins, see
+        :mod:`tgtfast.metrics`); on all of them the distillation loss to the labeler, ``val_kd``."""
+        from tgtfast.metrics import ClassificationMeter
+
         dataset, collate = as_dataset(data, "val")
         n = len(dataset)
         if n == 0:
@@ -265,7 +277,8 @@ class TGTTrainer:
         device = next(self.student.parameters()).device
         was = self.student.training
         self.student.eval()
-        correct = ce = kd = lab = 0.0
+        meter = ClassificationMeter(self.config.ece_bins)
+        kd = 0.0
         try:
             bs = max(self.config.batch_size, 256)
             for i in range(0, n, bs):
@@ -276,13 +289,11 @@ class TGTTrainer:
                 kd += float(loss_sum(self.loss, s, self.labeler(x).float()))
                 if y is not None:
                     keep = y != -100
-                    lab += float(keep.sum())
-                    if keep.any():
-                        correct += float((s[keep].argmax(1) == y[keep]).sum())
-                        ce += float(TF.cross_entropy(s[keep], y[keep], reduction="sum"))
+                    meter.update(y[keep], logits=s[keep])
         finally:
             self.student.train(was)
-        return {"val_acc": correct / lab if lab else float("nan"), "val_ce": ce / lab if lab else float("nan"),
+        m = meter.compute()
+        return {"val_acc": m["accuracy"], "val_nll": m["nll"], "val_ece": m["ece"], "val_ce": m["nll"],
                 "val_kd": kd / n}
 
     # ----------------------------------------------------------------------------------------------- checkpoints
@@ -351,13 +362,19 @@ class TGTTrainer:
 
     # ----------------------------------------------------------------------------------------------- fit
 
-    def fit(self, train: Any, val: Any = None, *,
+    def fit(self, train: Any, val: Any = None, *, unlabelled: Any = None,
             callback: Optional[Callable[["TGTTrainer", Dict[str, float]], None]] = None) -> TGTHistory:
         """Train the student on ``train`` (evaluating on ``val`` if given) and return the :class:`TGTHistory`.
 
         ``train``/``val``: a map-style dataset, a DataLoader over one (its dataset and collate function are
-        used; the trainer does its own sampling), or a tuple of tensors ``(x, y)``. ``callback(trainer, record)``
-        is called on every process after every optimiser step with that step's metrics.
+        used; the trainer does its own sampling), or a tuple of tensors ``(x, y)``. ``unlabelled``: optionally a
+        second stream of the same kinds whose examples are used without labels (any labels it has are ignored):
+        then every global micro-batch holds ``config.labelled_per_batch`` labelled examples of ``train`` (by
+        default the pools' proportion, at least one) and unlabelled ones for the rest (see
+        :mod:`tgtfast.train.streams`; its batches are loaded in the main process whatever ``num_workers``).
+        ``config.labelled_per_batch`` does the same for a single ``train`` whose unlabelled examples carry
+        label -100. ``callback(trainer, record)`` is called on every process after every optimiser step with that
+        step's metrics.
         Under ``torchrun`` (``WORLD_SIZE > 1``) the student is wrapped in DistributedDataParallel, each rank
         takes its contiguous share of every global micro-batch, and only rank 0 writes files.
 
@@ -367,9 +384,14 @@ class TGTTrainer:
         import torch.distributed as dist
 
         dataset, collate = as_dataset(train, "train")
-        n = len(dataset)
-        if n == 0:
+        if len(dataset) == 0:
             raise ValueError("train is empty: the training set has no examples")
+        if unlabelled is not None:
+            uds, ucollate = as_dataset(unlabelled, "unlabelled")
+            if len(uds) == 0:
+                raise ValueError("unlabelled is empty: pass unlabelled=None or a non-empty dataset")
+            dataset, collate = Joined(dataset, collate, uds, ucollate), None
+        n = len(dataset)
         if val is not None:
             vds, _ = as_dataset(val, "val")
             if len(vds) == 0:
@@ -390,10 +412,18 @@ class TGTTrainer:
         self._freeze_teacher()
         x0, y0 = self._load_batch(dataset, collate, list(range(min(2, n))), device)
         widths = probe(self.student, self.labeler, self.encoder, self.decoder, c.exploration, x0, y0)
-        plan = StepPlan(c, n, self.rank, self.world_size)
+        progress_on = (self.rank == 0) and (c.progress if c.progress is not None else sys.stderr.isatty())
+        # One pass over the training set: every label checked, the labelled ones marked, the teacher cached
+        # (before anything is written).
+        cache_z, cache_t, labelled = scan_training_set(
+            dataset, collate, self.batch_fn, device, labeler=self.labeler, encoder=self.encoder, widths=widths,
+            explore=c.exploration != "none", cache=c.cache_teacher, check_labels=y0 is not None,
+            batch_size=c.batch_size, rank=self.rank, world_size=self.world_size, show_progress=progress_on)
+        plan = make_plan(c, n, labelled, isinstance(dataset, Joined), self.rank, self.world_size)
+        if self.rank == 0:
+            plan.warn_if_short()
         total = plan.total
         state = self._read_checkpoint(total)  # raises (before anything is written) on a mismatch
-        progress_on = (self.rank == 0) and (c.progress if c.progress is not None else sys.stderr.isatty())
 
         torch.manual_seed(mix(c.seed, self.rank, 0xD0))
         self.optimizer = self._make_optimizer(self.student.parameters())
@@ -402,11 +432,6 @@ class TGTTrainer:
         self.history = TGTHistory()
         if state is not None:
             self._restore(state)
-        # One pass over the training set: every label checked, the teacher cached (before anything is written).
-        cache_z, cache_t = scan_training_set(
-            dataset, collate, self.batch_fn, device, labeler=self.labeler, encoder=self.encoder, widths=widths,
-            explore=c.exploration != "none", cache=c.cache_teacher, check_labels=y0 is not None,
-            batch_size=c.batch_size, rank=self.rank, world_size=self.world_size, show_progress=progress_on)
         if self.rank == 0 and c.out_dir is not None:
             os.makedirs(c.out_dir, exist_ok=True)
             ckpt.remove_stale_temporaries(c.out_dir)
@@ -420,7 +445,7 @@ class TGTTrainer:
         self.student.train()
 
         fetch = None
-        if c.num_workers > 0 and not isinstance(dataset, TensorPairs):
+        if c.num_workers > 0 and not isinstance(dataset, (TensorPairs, Joined)):
             loader = torch.utils.data.DataLoader(
                 dataset, batch_sampler=StepSampler(plan, self.step, total), collate_fn=collate,
                 num_workers=c.num_workers)
