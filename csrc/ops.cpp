@@ -38,6 +38,16 @@ TORCH_LIBRARY(tgtfast, m) {
   // -inf); rows where valid is false are 0.
   m.def("sparse_coarse_bwd(Tensor student, Tensor indices, Tensor coarse, Tensor grad_coarse, Tensor? valid, "
         "float scale) -> Tensor");
+  // [sparse] The whole divergence from a sparse teacher in one pass over the student (CPU): per row, the teacher's
+  // checks (status [N] int8: 0 ok, 1 index out of range, 2 repeated index, 3 NaN log-probability, 4 one above
+  // `slack`, 5 kept mass above 1 + slack * k with a tail), sparse_coarse_fwd, the divergence (code and parameters as
+  // divergence_fwd) between the coarse student and the teacher's coarse log-probabilities (teacher [N, k] float64
+  // log-probabilities, clamped at 0, then log(1 - kept mass) when `tail`, all times teacher_scale, normalised) and
+  // the gradient of grad_scale * loss[n] wrt the student. Returns (loss [N], grad_student [N, V] or [0], status);
+  // rows where valid is false or the status is not 0 have loss 0 and gradient 0.
+  m.def("sparse_divergence_fwd(Tensor student, Tensor indices, Tensor teacher, Tensor? valid, bool tail, "
+        "float slack, int divergence, float param_a, float param_b, float scale, float teacher_scale, "
+        "bool need_grad, float grad_scale=1.0) -> (Tensor, Tensor, Tensor)");
   // [noise] TGT latent perturbation z + sigma * noise(seed, offset); math: docs/design.md, section "Noise".
   // The noise (csrc/common/philox.h) is never stored. The seed's 64 bits travel as a (two's complement) int;
   // offset >= 0 is the stream index of element 0.

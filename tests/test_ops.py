@@ -67,6 +67,15 @@ def _samples(device):
         "sparse_coarse_bwd": [
             (rnd(n, k), torch.tensor([[0, 3], [1, 2], [6, 5], [4, 0], [2, 1]]), rnd(n, 3), rnd(n, 3), None, 0.5),
         ],
+        "sparse_divergence_fwd": [
+            (rnd(n, k, grad=True), torch.tensor([[0, 3], [1, 2], [6, 5], [4, 0], [2, 1]]),
+             torch.log_softmax(rnd(n, k, dtype=torch.float64), -1)[:, :2].contiguous(), None, True, 1e-9, 2, 0.3, 0.0,
+             0.5, 2.0, True, 0.2),
+            (rnd(n, k, dtype=torch.float64, grad=True), torch.tensor([[0, 3, 6], [1, 2, 5], [6, 5, 4], [4, 0, 1],
+                                                                      [2, 1, 0]]),
+             torch.log_softmax(rnd(n, 3, dtype=torch.float64), -1), torch.tensor([True, False, True, True, False]),
+             False, 1e-9, 0, 0.0, 0.0, 1.5, 1.0, True, 1.0),
+        ],
         "proxy_solve": [(probs, eta, 50, 1e-10)],
         "proxy_deviation_sums": [(probs, eta, torch.tensor([0, 2, 1, 1, 0]), 50, 1e-10)],
     }
@@ -93,7 +102,7 @@ def test_opcheck(name):
     op = getattr(torch.ops.tgtfast, name).default
     if name == "divergence_fwd" and tgtfast.backends("divergence")["cpp"] != "available":
         pytest.skip("the extension was built without the divergence kernel")
-    if name.startswith("sparse_coarse") and tgtfast.backends("sparse_coarse")["cpp"] != "available":
+    if name.startswith("sparse_") and tgtfast.backends("sparse_coarse")["cpp"] != "available":
         pytest.skip("the extension was built without the sparse kernels")
     kw = {}
     if name.endswith("_triton") or name.endswith("triton_"):

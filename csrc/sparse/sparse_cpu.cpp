@@ -3,8 +3,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <tuple>
+
 #include "cpu_dtype.h"
 #include "cpu_buffers.h"
+#include "divergence/divergence_cpu_kernel.h"
 #include "sparse_cpu_kernel.h"
 
 namespace tgtfast {
@@ -72,10 +76,48 @@ at::Tensor sparse_coarse_bwd_cpu(const at::Tensor& student, const at::Tensor& in
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_divergence_fwd_cpu(
+    const at::Tensor& student, const at::Tensor& indices, const at::Tensor& teacher,
+    const std::optional<at::Tensor>& valid, bool tail, double slack, int64_t divergence, double param_a,
+    double param_b, double scale, double teacher_scale, bool need_grad, double grad_scale) {
+  cpu::SparseDivergenceArgs args;
+  args.coarse = common_args("sparse_divergence_fwd", student, indices, valid, scale);
+  TORCH_CHECK(teacher.sizes() == indices.sizes() && teacher.scalar_type() == at::kDouble && teacher.is_contiguous(),
+              "sparse_divergence_fwd: teacher must be a contiguous float64 tensor of the indices' shape ",
+              indices.sizes(), ", got ", teacher.sizes(), " ", teacher.scalar_type());
+  TORCH_CHECK(divergence >= 0 && divergence < cpu::kNumDivergences, "sparse_divergence_fwd: unknown divergence code ",
+              divergence);
+  TORCH_CHECK(std::isfinite(param_a) && std::isfinite(param_b) && std::isfinite(grad_scale) && slack >= 0 &&
+                  teacher_scale > 0 && std::isfinite(teacher_scale),
+              "sparse_divergence_fwd: parameters and scales must be finite (teacher_scale > 0, slack >= 0)");
+  TORCH_CHECK(args.coarse.kept > 0, "sparse_divergence_fwd: the teacher needs k >= 1 classes per row");
+  const auto acc = args.coarse.dtype == cpu::DType::kFloat64 ? at::kDouble : at::kFloat;
+  const int64_t N = args.coarse.rows;
+  auto loss = at::empty({N}, student.options().dtype(acc));
+  auto grad = need_grad ? empty_output_like(student) : at::empty({0}, student.options());
+  auto status = at::empty({N}, student.options().dtype(at::kChar));
+  if (N == 0) return {loss, grad, status};
+  args.teacher = teacher.data_ptr<double>();
+  args.tail = tail;
+  args.slack = slack;
+  args.teacher_scale = teacher_scale;
+  args.divergence = static_cast<int>(divergence);
+  args.param_a = param_a;
+  args.param_b = param_b;
+  args.grad_scale = grad_scale;
+  args.loss = loss.data_ptr();
+  args.grad = need_grad ? grad.data_ptr() : nullptr;
+  args.status = status.data_ptr<int8_t>();
+  const auto fn = cpu::cpu_has_avx2() ? &cpu::sparse_divergence_rows_avx2 : &cpu::sparse_divergence_rows_base;
+  at::parallel_for(0, N, grain(args.coarse.classes), [&](int64_t b, int64_t e) { fn(args, b, e); });
+  return {loss, grad, status};
+}
+
 }  // namespace
 }  // namespace tgtfast
 
 TORCH_LIBRARY_IMPL(tgtfast, CPU, m) {
   m.impl("sparse_coarse_fwd", &tgtfast::sparse_coarse_fwd_cpu);
   m.impl("sparse_coarse_bwd", &tgtfast::sparse_coarse_bwd_cpu);
+  m.impl("sparse_divergence_fwd", &tgtfast::sparse_divergence_fwd_cpu);
 }

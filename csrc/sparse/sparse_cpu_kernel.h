@@ -34,5 +34,35 @@ void sparse_coarse_fwd_base(const SparseCoarseArgs& args, int64_t begin, int64_t
 void sparse_coarse_bwd_avx2(const SparseCoarseArgs& args, int64_t begin, int64_t end);
 void sparse_coarse_bwd_base(const SparseCoarseArgs& args, int64_t begin, int64_t end);
 
+// Per-row verdict of the fused kernel's checks of the teacher (the first that fails, in this order).
+enum SparseRowStatus : int8_t {
+  kSparseOk = 0,
+  kSparseBadIndex = 1,       // an index outside [0, classes)
+  kSparseRepeatedIndex = 2,  // an index repeated within the row
+  kSparseNaN = 3,            // a NaN log-probability
+  kSparsePositive = 4,       // a log-probability above `slack`
+  kSparseMassAboveOne = 5,   // (tail bucket) kept probabilities summing to more than 1 + slack * kept
+};
+
+struct SparseDivergenceArgs {
+  SparseCoarseArgs coarse;        // student, dtype, indices, valid, rows, classes, kept, scale (out/coarse unused)
+  const double* teacher = nullptr;  // [rows, kept]: the teacher's log-probabilities at its cached temperature
+  bool tail = true;               // a tail bucket of mass 1 - sum exp(teacher); false: renormalised, no tail
+  double slack = 1e-5;            // rounding allowed above log-probability 0 (and above mass 1, per kept class)
+  double teacher_scale = 1.0;     // cached temperature / loss temperature
+  int divergence = 0;             // index in tgtfast.reference.DIVERGENCES
+  double param_a = 0.0;
+  double param_b = 0.0;
+  double grad_scale = 1.0;        // the gradient is that of grad_scale * loss[n]
+  void* loss = nullptr;           // [rows] (double if dtype is kFloat64, else float); 0 where invalid or bad
+  void* grad = nullptr;           // [rows, classes] of dtype, or null (no gradient)
+  int8_t* status = nullptr;       // [rows] SparseRowStatus (kSparseOk where valid is false)
+};
+
+// Fused loss: per row, check the teacher (status), coarse-grain the student, run the divergence on the k + 1
+// classes and write the gradient wrt the student (when `grad`); rows [begin, end).
+void sparse_divergence_rows_avx2(const SparseDivergenceArgs& args, int64_t begin, int64_t end);
+void sparse_divergence_rows_base(const SparseDivergenceArgs& args, int64_t begin, int64_t end);
+
 }  // namespace cpu
 }  // namespace tgtfast

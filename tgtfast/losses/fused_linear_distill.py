@@ -50,7 +50,7 @@ def _sparse_chunk(backend, div: D.Divergence, a_s: float, temperature: float, mu
     with torch.enable_grad():
         s_leaf = s.detach().requires_grad_(need_grad)
         rows = sparse_rows(s_leaf, t, div, a_s, temperature, valid, backend, "tgtfast.fused_linear_distill_loss",
-                           check=False)  # checked once for every chunk by fused_linear_distill_loss
+                           check=False, grad_scale=grad_scale * multiplier)  # checked once for every chunk
         rows = rows * multiplier if multiplier != 1.0 else rows
         grad = torch.autograd.grad(rows.sum() * grad_scale, s_leaf)[0] if need_grad else None
     return rows.detach().clamp_min(0), grad

@@ -26,6 +26,9 @@ __all__ = ["SparseTeacher"]
 TAILS = ("bucket", "renormalize")
 # Kept log-probabilities may exceed 0 and their mass 1 by float rounding of the cache's dtype, not by more.
 _LOGPROB_SLACK = {torch.float64: 1e-9, torch.float32: 1e-5}
+# The verdicts of the CPU kernel's row checks (csrc/ops.cpp, sparse_divergence_fwd), by status code.
+_STATUS = {1: "an index outside [0, {v})", 2: "an index repeated within the row", 3: "a NaN log-probability",
+           4: "a log-probability above 0", 5: "kept probabilities summing to more than 1"}
 
 
 class SparseTeacher:
@@ -105,7 +108,7 @@ class SparseTeacher:
         idx = self.indices.reshape(-1, self.k)
         lp = self.logprobs.reshape(-1, self.k)
         rows = torch.ones(idx.shape[0], dtype=torch.bool, device=idx.device) if valid is None else valid.reshape(-1)
-        slack = _LOGPROB_SLACK.get(lp.dtype, 1e-2)
+        slack = self.slack()
 
         def first(bad: torch.Tensor, what: str) -> None:
             bad = bad & rows
@@ -113,17 +116,21 @@ class SparseTeacher:
                 row = int(bad.nonzero()[0, 0])
                 raise ValueError(f"sparse teacher row {row}: {what}")
 
-        first(((idx < 0) | (idx >= vocab_size)).any(-1), f"an index outside [0, {vocab_size})")
+        first(((idx < 0) | (idx >= vocab_size)).any(-1), _STATUS[1].format(v=vocab_size))
         if self.k > 1:
             ordered = (idx.int() if vocab_size < 2**31 else idx).sort(-1).values
-            first((ordered[:, 1:] == ordered[:, :-1]).any(-1), "an index repeated within the row")
+            first((ordered[:, 1:] == ordered[:, :-1]).any(-1), _STATUS[2])
         lp_bad = ~(lp <= slack).all(-1)  # NaN or above 0 (one pass; told apart only to word the error)
         if bool((lp_bad & rows).any()):
-            first(torch.isnan(lp).any(-1), "a NaN log-probability")
-            first(lp_bad, "a log-probability above 0")
+            first(torch.isnan(lp).any(-1), _STATUS[3])
+            first(lp_bad, _STATUS[4])
         if self.tail == "bucket":
             mass = torch.logsumexp(lp.float(), -1)
-            first(mass > math.log1p(max(slack, 1e-5) * self.k), "kept probabilities summing to more than 1")
+            first(mass > math.log1p(max(slack, 1e-5) * self.k), _STATUS[5])
+
+    def slack(self) -> float:
+        """How far above 0 a kept log-probability may be (and its mass above 1, per kept class): float rounding."""
+        return _LOGPROB_SLACK.get(self.logprobs.dtype, 1e-2)
 
     def coarse_logprobs(self, temperature: float = 1.0, dtype: torch.dtype = torch.float32,
                         vocab_size: Optional[int] = None) -> torch.Tensor:
@@ -158,10 +165,13 @@ def check_divergence(name: str, param_a: float, param_b: float, tail: str) -> No
 
 
 def sparse_rows(student: torch.Tensor, teacher: SparseTeacher, div, a_s: float, temperature: float,
-                valid: Optional[torch.Tensor], backend: Optional[str], who: str, check: bool = True) -> torch.Tensor:
+                valid: Optional[torch.Tensor], backend: Optional[str], who: str, check: bool = True,
+                grad_scale: float = 1.0) -> torch.Tensor:
     """Per-row divergence between the dense student rows ``student`` ``[N, V]`` (logits; ``a_s`` = logit scale /
     T) and the sparse teacher, on the backend the dispatcher picks; differentiable wrt ``student``. ``check=False``:
-    the caller has checked the teacher's rows and the divergence already (once for all its chunks)."""
+    the caller has checked the teacher's rows and the divergence already (once for all its chunks). `grad_scale`:
+    the weight the caller's reduction gives each row, so that the CPU kernel's stored gradient needs no rescaling
+    (any value is correct; a matching one saves a pass over ``[N, V]``)."""
     from tgtfast.dispatch import Backend, select
     from tgtfast.ops import divergence as _div_op
     from tgtfast.ops import sparse as _sparse_op
@@ -173,18 +183,35 @@ def sparse_rows(student: torch.Tensor, teacher: SparseTeacher, div, a_s: float, 
                          f"but the student has {n} rows")
     if teacher.device != student.device:
         raise ValueError(f"the sparse teacher is on {teacher.device} but the student is on {student.device}")
-    if check:
-        teacher.check(v, valid)
-        check_divergence(div.name, div.param_a, div.param_b, teacher.tail)
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    idx = teacher.flat_indices()
-    lp_t = teacher.coarse_logprobs(temperature, acc, v)
     chosen = select(backend, student.device, student.dtype, op="sparse_coarse")
+    one_pass = None if chosen is Backend.REFERENCE else _sparse_op.fused(chosen)
+    if check:
+        if teacher.k > v:
+            raise ValueError(f"the sparse teacher keeps k = {teacher.k} classes but the student has V = {v}")
+        if one_pass is None:  # the one-pass kernel checks the rows itself
+            teacher.check(v, valid)
+        check_divergence(div.name, div.param_a, div.param_b, teacher.tail)
+    idx = teacher.flat_indices()
+    if one_pass is not None:
+        check_no_tangent(who, student)
+        tail = teacher.tail == "bucket" and teacher.k < v  # k = V: no class is left for a tail
+        grad_on = torch.is_grad_enabled() and student.requires_grad
+        rows, _, status = one_pass(student.contiguous(), idx, teacher.logprobs.reshape(-1, teacher.k).double(),
+                                   None if valid is None else valid.contiguous(), tail, teacher.slack(), div.code,
+                                   div.param_a, div.param_b, a_s, teacher.temperature / temperature, grad_on,
+                                   grad_scale)
+        if check and not V.is_compiling() and bool(status.any()):
+            row = int(status.nonzero()[0, 0])
+            raise ValueError(f"sparse teacher row {row}: {_STATUS[int(status[row])].format(v=v)}")
+        return rows
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    lp_t = teacher.coarse_logprobs(temperature, acc, v)
     if chosen is Backend.REFERENCE:
         s = student.to(acc)
-        if valid is not None:
+        if valid is not None:  # ignored rows may hold anything: give them harmless values
             s = torch.where(valid.unsqueeze(1), s, s.new_zeros(()))
             lp_t = torch.where(valid.unsqueeze(1), lp_t, lp_t.new_zeros(()))
+            idx = torch.where(valid.unsqueeze(1), idx, torch.arange(teacher.k, device=idx.device))
         w = reference.coarse_logits(s * a_s, idx)
         rows = reference.divergence_rows(w, lp_t, div.name, param_a=div.param_a, param_b=div.param_b)
         return rows if valid is None else torch.where(valid, rows, rows.new_zeros(()))

@@ -9,6 +9,11 @@ the first time the Triton backend is chosen) and the dispatcher entry ``"sparse_
 The divergence between the coarse student and the sparse teacher then runs on the ``divergence`` op (``[N, k + 1]``
 is small); only these two ops touch ``[N, V]``: one read of the student logits forward, one read and one write of
 their gradient backward.
+
+On the CPU the whole loss is one op, ``tgtfast::sparse_divergence_fwd``: per row it checks the teacher, coarse-grains
+the student, runs the divergence kernel on the ``k + 1`` classes and writes the gradient while the row is in cache (one
+read of the logits and one write of the gradient); like the ``divergence`` op it returns the gradient of the loss
+computed in the forward pass, and its backward hands it on (times the incoming gradient when that is not 1).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 from tgtfast import _ext
 from tgtfast.dispatch import Backend, register_op
 from tgtfast.ops._autodiff import check_no_double_backward
+from tgtfast.ops.ptloss import row_factor
 
 OP = "sparse_coarse"
 FWD: Dict[str, Callable] = {}  # backend name -> sparse_coarse_fwd(student, indices, valid, scale) -> coarse
@@ -81,7 +87,38 @@ def _has_kernel(name: str, key: str) -> bool:
         return False
 
 
+FUSED: Dict[str, Callable] = {}  # backend name -> sparse_divergence_fwd (CPU only)
+
+
+def _fake_fused(student, indices, teacher, valid, tail, slack, divergence, param_a, param_b, scale, teacher_scale,
+                need_grad, grad_scale=1.0):
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    grad = torch.empty_like(student, memory_format=torch.contiguous_format) if need_grad else student.new_empty((0,))
+    return (student.new_empty((student.shape[0],), dtype=acc), grad,
+            student.new_empty((student.shape[0],), dtype=torch.int8))
+
+
+def _fused_setup_context(ctx, inputs, output):
+    ctx.grad_scale = float(inputs[12]) if len(inputs) > 12 else 1.0
+    ctx.save_for_backward(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _fused_backward(ctx, g_loss, _g_grad, _g_status):
+    if g_loss is None:
+        return (None,) * 13
+    check_no_double_backward("tgtfast.distill_loss from a sparse teacher")
+    (grad,) = ctx.saved_tensors
+    factor = row_factor(g_loss, ctx.grad_scale)
+    return (grad if factor is None else grad * factor.to(grad.dtype),) + (None,) * 12
+
+
 _missing: Dict[Backend, str] = {}
+if _ext.ext is not None and _has_kernel("sparse_divergence_fwd", "CPU"):
+    torch.library.register_fake("tgtfast::sparse_divergence_fwd")(_fake_fused)
+    torch.library.register_autograd("tgtfast::sparse_divergence_fwd", _fused_backward,
+                                    setup_context=_fused_setup_context)
+    FUSED["cpp"] = torch.ops.tgtfast.sparse_divergence_fwd.default
 if _ext.ext is not None and _has_kernel("sparse_coarse_fwd", "CPU") and _has_kernel("sparse_coarse_bwd", "CPU"):
     cuda = _has_kernel("sparse_coarse_fwd", "CUDA")
     _register("tgtfast::sparse_coarse_fwd", "tgtfast::sparse_coarse_bwd", ("cpp", "cuda") if cuda else ("cpp",),
@@ -93,6 +130,12 @@ else:
 
 register_op(OP, missing=_missing, dtypes={Backend.CUDA: (torch.float32, torch.float16, torch.bfloat16)},
             loaders={Backend.TRITON: _load_triton})
+
+
+def fused(backend: Backend):
+    """The one-pass ``sparse_divergence_fwd`` of `backend`, or None where the loss runs as ``sparse_coarse`` then
+    ``divergence``."""
+    return FUSED.get(Backend(backend).value)
 
 
 def coarse(backend: Backend) -> Callable:
