@@ -35,6 +35,7 @@ __all__ = [
     "coarse_logits",
     "sparse_teacher_logprobs",
     "sparse_divergence_rows",
+    "slam_loss",
 ]
 
 
@@ -455,3 +456,22 @@ def perturb_decode_label_mlp(z, dec_layers, lab_layers, *, sigma: float, seed: i
     x = mlp_forward(z.to(acc) + sigma * noise, dec_layers)
     soft = torch.softmax(mlp_forward(x, lab_layers) / temperature, dim=-1)
     return x.to(z.dtype), soft.to(z.dtype)
+
+
+def slam_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha, k, *, temperature: float = 1.0,
+              normalize: bool = True, reduction: str = "mean") -> torch.Tensor:
+    """Reference of :func:`tgtfast.imperfect.slam_loss` on ``[N, V]``: ``f = softmax(s / T)``,
+    ``y = softmax(t / T)``, ``mix = alpha f + (1 - alpha) (1 - f) top(y; k) / (k - 1)`` (no ``/ (k - 1)`` unless
+    ``normalize``), rows ``-sum_j y_j log mix_j``; ``alpha`` and ``k`` numbers or ``[N]``. Outside the top-k,
+    ``log mix = log(max(alpha, tiny)) + log f`` (finite at ``alpha = 0``, as the implementation defines it)."""
+    log_f = torch.log_softmax(student_logits / temperature, dim=-1)
+    f = log_f.exp()
+    y = torch.softmax(teacher_logits.detach() / temperature, dim=-1)
+    n = f.shape[0]
+    alpha = torch.as_tensor(alpha, dtype=f.dtype).reshape(-1, 1).expand(n, 1)
+    k = torch.as_tensor(k).reshape(-1, 1).expand(n, 1)
+    rank = torch.argsort(torch.argsort(y, dim=-1, descending=True), dim=-1)  # 0 = the teacher's top class
+    c = (1 - alpha) / (k - 1).to(f.dtype) if normalize else 1 - alpha
+    log_mix = torch.where(rank < k, torch.log(alpha * f + c * (1 - f)),
+                          torch.log(alpha.clamp_min(torch.finfo(f.dtype).tiny)) + log_f)
+    return reduce_rows(-(y * log_mix).sum(-1), None, reduction)
