@@ -137,22 +137,28 @@ def gathered_projection(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> I
 class ForwardRedirection:
     """Run ``method(*args, **kwargs)`` as the forward of `original`, called through `wrapper` (DDP, FSDP,
     DeepSpeed), so that the wrapper's forward-time work happens around it: DDP prepares its gradient reduction,
-    FSDP gathers the parameters. The method of PyTorch Lightning's strategies, also used by TRL."""
+    FSDP gathers the parameters. `wrapper` may be `original` itself: its forward hooks (FSDP2's ``fully_shard``
+    gathers the root's parameters in one) still run. The method of PyTorch Lightning's strategies, also used by
+    TRL."""
 
     def __call__(self, wrapper: nn.Module, original: nn.Module, method: Callable, *args: Any, **kwargs: Any) -> Any:
-        if wrapper is original:
-            return method(*args, **kwargs)
-        forward = original.forward
+        forward = original.__dict__.get("forward")  # an instance attribute (accelerate's autocast wrapper) or None
+
+        def restore() -> None:
+            if forward is None:
+                original.__dict__.pop("forward", None)
+            else:
+                original.forward = forward
 
         def redirected(*_a: Any, **_k: Any) -> Any:
-            original.forward = forward
+            restore()
             return method(*_a, **_k)
 
         original.forward = redirected
         try:
             return wrapper(*args, **kwargs)
         finally:
-            original.forward = forward
+            restore()
 
 
 # ------------------------------------------------------------------------------------------------ vocabularies
