@@ -19,7 +19,8 @@ from tgtfast import validation as V
 from tgtfast.dispatch import Backend, select
 from tgtfast.losses.sparse import SparseTeacher, sparse_rows
 from tgtfast.ops import divergence as _op
-from tgtfast.ops._autodiff import check_no_tangent
+from tgtfast.ops._autodiff import check_no_double_backward, check_no_tangent
+from tgtfast.ops.ptloss import row_factor
 
 __all__ = ["distill_loss", "DIVERGENCES", "resolve", "Divergence"]
 
@@ -201,9 +202,39 @@ def row_weights(weight: Optional[torch.Tensor], lead: torch.Size, device: torch.
 
 
 def apply_row_weights(rows: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
-    """Per-row losses times their weights (ignored rows are already 0 and stay 0). The fused ops' stored
-    gradients are scaled by the same column in their backward (the incoming gradient is no longer uniform)."""
+    """Per-row losses times their weights (ignored rows are already 0 and stay 0), through autograd."""
     return rows if weight is None else rows * weight.to(rows.dtype)
+
+
+class _WeightedFused(torch.autograd.Function):
+    """A fused divergence op whose per-row losses are weighted: the gradients it computes in its forward pass
+    (for ``grad_scale``) are multiplied by the weight column in place, once, so that the backward of a reduction
+    hands them on untouched, as it does unweighted (no second ``[N, V]`` tensor; docs/design.md)."""
+
+    @staticmethod
+    def forward(ctx, s, tch, w, run, need_s, need_t, grad_scale):
+        rows, grad_s, grad_t = run()
+        col = w.detach().unsqueeze(1)
+        for need, grad in ((need_s, grad_s), (need_t, grad_t)):
+            if need:
+                grad.mul_(col.to(grad.dtype))
+        rows = clamp_value_min0(rows)
+        ctx.needs, ctx.grad_scale = (need_s, need_t), grad_scale
+        ctx.save_for_backward(grad_s, grad_t, rows if w.requires_grad else None)
+        ctx.set_materialize_grads(False)
+        return rows * w.detach().to(rows.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        if g is None:
+            return (None,) * 7
+        check_no_double_backward("tgtfast.distill_loss")
+        grad_s, grad_t, rows = ctx.saved_tensors
+        factor = row_factor(g, ctx.grad_scale)
+        out = [None if not need else grad if factor is None else grad * factor.to(grad.dtype)
+               for need, grad in zip(ctx.needs, (grad_s, grad_t))]
+        grad_w = None if rows is None else g * rows
+        return out[0], out[1], grad_w, None, None, None, None
 
 
 def distill_loss(
@@ -349,17 +380,26 @@ def distill_loss(
                                          param_b=div.param_b)
         if valid is not None:
             rows = torch.where(valid, rows, rows.new_zeros(()))
+        rows = apply_row_weights(clamp_value_min0(rows), w)
         scale = row_weight(reduction, rows.shape[0], valid, num_items_in_batch)
     else:
         check_no_tangent("tgtfast.distill_loss", student_logits, teacher_logits)
         grad_on = torch.is_grad_enabled()
         scale = row_weight(reduction, s.shape[0], valid, num_items_in_batch)
-        rows, _, _ = _op.impl(chosen)(
-            s.contiguous(), tch.contiguous(), None if valid is None else valid.contiguous(), div.code,
-            div.param_a, div.param_b, a_s, a_t, grad_on and s.requires_grad, grad_on and tch.requires_grad,
-            (1.0 if scale is None else scale) * multiplier,
-        )
-    rows = apply_row_weights(clamp_value_min0(rows), w)
+        need_s, need_t = grad_on and s.requires_grad, grad_on and tch.requires_grad
+        grad_scale = (1.0 if scale is None else scale) * multiplier
+
+        def run():
+            return _op.impl(chosen)(
+                s.contiguous(), tch.contiguous(), None if valid is None else valid.contiguous(), div.code,
+                div.param_a, div.param_b, a_s, a_t, need_s, need_t, grad_scale,
+            )
+
+        if w is not None and (need_s or need_t):  # the weights go into the stored gradients, in place
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            rows = _WeightedFused.apply(s, tch, w.to(acc), run, need_s, need_t, grad_scale)
+        else:
+            rows = apply_row_weights(clamp_value_min0(run()[0]), w)
     out = reduce(rows, reduction, scale, valid, num_items_in_batch, multiplier)
     return out.reshape(lead) if reduction == "none" else out
 
