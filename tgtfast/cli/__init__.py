@@ -14,6 +14,7 @@ COMMANDS = {
     "backends": "list the backends and why some are off",
     "train": "Teacher Guided Training from a YAML config (--help-config documents its keys)",
     "cache-teacher": "store a teacher's top-k log-probabilities per token over a dataset (offline distillation)",
+    "distill": "distil a Hugging Face causal LM into another from a YAML config (transformers Trainer)",
 }
 
 
