@@ -48,6 +48,10 @@ TORCH_LIBRARY(tgtfast, m) {
   m.def("sparse_divergence_fwd(Tensor student, Tensor indices, Tensor teacher, Tensor? valid, bool tail, "
         "float slack, int divergence, float param_a, float param_b, float scale, float teacher_scale, "
         "bool need_grad, float grad_scale=1.0) -> (Tensor, Tensor, Tensor)");
+  // [sparse] The teacher cache's reduction: the k largest entries of log_softmax(logits[rows] / temperature) per row
+  // (all rows when rows is None), values float32 most probable first and their int64 class ids; a row with NaN,
+  // +inf or no finite logit gets NaN values. CPU only (elsewhere torch.topk of torch.log_softmax).
+  m.def("sparse_topk(Tensor logits, Tensor? rows, int k, float temperature) -> (Tensor, Tensor)");
   // [noise] TGT latent perturbation z + sigma * noise(seed, offset); math: docs/design.md, section "Noise".
   // The noise (csrc/common/philox.h) is never stored. The seed's 64 bits travel as a (two's complement) int;
   // offset >= 0 is the stream index of element 0.

@@ -4,6 +4,7 @@ feeding tgtfast.distill_loss, and the ``tgtfast cache-teacher`` command end to e
 
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import tgtfast
+from tgtfast import reference as R
 from tgtfast.cache import (
     CachedTeacherDataset,
     CacheError,
@@ -150,10 +152,55 @@ def test_topk_logprobs_blocks_rows_and_temperature(monkeypatch):
     for dtype in (torch.float32, torch.bfloat16):
         for t in (1.0, 2.5):
             for r in (None, rows):
-                lp, idx = topk_logprobs(x.to(dtype), 7, t, r)
+                lp, idx = topk_logprobs(x.to(dtype), 7, t, r, backend="reference")
                 picked = x.to(dtype) if r is None else x.to(dtype)[r]
                 ref = torch.topk(torch.log_softmax(picked.float() / t, -1), 7, -1)
                 assert torch.equal(idx, ref.indices) and torch.equal(lp, ref.values)
+
+
+TOPK_BACKENDS = [b for b in ("cpp",) if tgtfast.backends("sparse_topk")[b] == "available"]
+
+
+@pytest.mark.parametrize("backend", TOPK_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_topk_logprobs_kernel_matches_the_reference(backend, dtype):
+    g = torch.Generator().manual_seed(3)
+    # distinct values (a permutation), so that the top k is unique in float32 and float64 (16-bit storage ties)
+    x = (torch.stack([torch.randperm(1500, generator=g) for _ in range(21)]).double() / 150 - 5).to(dtype)
+    x[4, 7] = -math.inf  # a class with no probability
+    rows = torch.tensor([20, 0, 4, 4, 13])
+    for k in (1, 9, 64):
+        for t in (1.0, 0.7):
+            for r in (None, rows):
+                lp, idx = topk_logprobs(x, k, t, r, backend=backend)
+                want_lp, want_idx = R.topk_logprobs((x if r is None else x[r]).double(), k, t)
+                assert lp.dtype == torch.float32 and idx.dtype == torch.int64
+                picked = x if r is None else x[r]
+                # the same logits were picked (ties between equal ones go to the lower class id), all distinct
+                assert torch.equal(picked.gather(1, idx), picked.gather(1, want_idx))
+                assert (idx.sort(1).values.diff(dim=1) > 0).all()
+                if dtype in (torch.float32, torch.float64):
+                    assert torch.equal(idx, want_idx)
+                torch.testing.assert_close(lp.double(), want_lp.double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", TOPK_BACKENDS)
+def test_topk_logprobs_kernel_edge_rows(backend):
+    x = torch.randn(6, 50, dtype=torch.float64)
+    x[1, 3] = math.nan
+    x[2, 9] = math.inf
+    x[3] = -math.inf
+    x[4, 5:] = -math.inf  # five finite classes, k = 8: three of no probability
+    lp, idx = topk_logprobs(x, 8, 1.0, backend=backend)
+    assert torch.isnan(lp[1:4]).all()
+    assert torch.isfinite(lp[[0, 5]]).all()
+    want_lp, want_idx = R.topk_logprobs(x[4], 8)
+    torch.testing.assert_close(lp[4].double(), want_lp.double())
+    assert set(idx[4, :5].tolist()) == set(range(5)) and (lp[4, 5:] == -math.inf).all()
+    lp, idx = topk_logprobs(x[[0]], 50, 1.0, backend=backend)  # k = V: every class, sorted
+    want_lp, want_idx = R.topk_logprobs(x[[0]], 50)
+    assert torch.equal(idx, want_idx)
+    torch.testing.assert_close(lp, want_lp, rtol=1e-5, atol=1e-6)
 
 
 def test_teacher_call_styles_and_outputs(tmp_path):

@@ -76,6 +76,7 @@ def _samples(device):
              torch.log_softmax(rnd(n, 3, dtype=torch.float64), -1), torch.tensor([True, False, True, True, False]),
              False, 1e-9, 0, 0.0, 0.0, 1.5, 1.0, True, 1.0),
         ],
+        "sparse_topk": [(rnd(n, k), None, 3, 1.5), (rnd(n, k, dtype=torch.float64), torch.tensor([4, 0, 0]), 7, 1.0)],
         "proxy_solve": [(probs, eta, 50, 1e-10)],
         "proxy_deviation_sums": [(probs, eta, torch.tensor([0, 2, 1, 1, 0]), 50, 1e-10)],
     }

@@ -9,7 +9,7 @@ validates before dispatch. This module imports nothing of the package; the math 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -332,6 +332,13 @@ def sparse_teacher_logprobs(logprobs: torch.Tensor, tail: str = "bucket", temper
     else:
         log_tail = torch.full_like(logprobs[..., :1], -math.inf)
     return torch.log_softmax(torch.cat([logprobs, log_tail], -1) / temperature, -1)
+
+
+def topk_logprobs(logits: torch.Tensor, k: int, temperature: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The teacher cache's reduction: ``topk(log_softmax(logits.float() / T), k)`` per row, as (float32
+    log-probabilities most probable first, int64 class ids)."""
+    values, indices = torch.topk(torch.log_softmax(logits.float() / temperature, -1), k, -1)
+    return values, indices
 
 
 def sparse_divergence_rows(

@@ -113,6 +113,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_divergence_fwd_cpu(
   return {loss, grad, status};
 }
 
+std::tuple<at::Tensor, at::Tensor> sparse_topk_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& rows,
+                                                   int64_t k, double temperature) {
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1 && logits.stride(0) == logits.size(1),
+              "sparse_topk: logits must be a contiguous [N, V] tensor, got ", logits.sizes());
+  TORCH_CHECK(k >= 1 && k <= logits.size(1), "sparse_topk: k must be in [1, V = ", logits.size(1), "], got ", k);
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "sparse_topk: temperature must be > 0, got ",
+              temperature);
+  cpu::SparseTopkArgs args;
+  args.rows_count = logits.size(0);
+  if (rows.has_value()) {
+    TORCH_CHECK(rows->dim() == 1 && rows->scalar_type() == at::kLong && rows->is_contiguous(),
+                "sparse_topk: rows must be a contiguous int64 vector");
+    args.rows_count = rows->size(0);
+    if (args.rows_count > 0) {
+      const auto lo = rows->min().item<int64_t>(), hi = rows->max().item<int64_t>();
+      TORCH_CHECK(lo >= 0 && hi < logits.size(0), "sparse_topk: rows must be in [0, ", logits.size(0), "), got ",
+                  lo, " .. ", hi);
+    }
+    args.rows = rows->data_ptr<int64_t>();
+  }
+  auto values = at::empty({args.rows_count, k}, logits.options().dtype(at::kFloat));
+  auto indices = at::empty({args.rows_count, k}, logits.options().dtype(at::kLong));
+  if (args.rows_count == 0) return {values, indices};
+  args.logits = logits.data_ptr();
+  args.dtype = cpu::to_kernel_dtype(logits.scalar_type(), "sparse_topk", "logits");
+  args.classes = logits.size(1);
+  args.kept = k;
+  args.inv_temperature = 1.0 / temperature;
+  args.values = values.data_ptr<float>();
+  args.indices = indices.data_ptr<int64_t>();
+  const auto fn = cpu::cpu_has_avx2() ? &cpu::sparse_topk_rows_avx2 : &cpu::sparse_topk_rows_base;
+  at::parallel_for(0, args.rows_count, grain(args.classes), [&](int64_t b, int64_t e) { fn(args, b, e); });
+  return {values, indices};
+}
+
 }  // namespace
 }  // namespace tgtfast
 
@@ -120,4 +155,5 @@ TORCH_LIBRARY_IMPL(tgtfast, CPU, m) {
   m.impl("sparse_coarse_fwd", &tgtfast::sparse_coarse_fwd_cpu);
   m.impl("sparse_coarse_bwd", &tgtfast::sparse_coarse_bwd_cpu);
   m.impl("sparse_divergence_fwd", &tgtfast::sparse_divergence_fwd_cpu);
+  m.impl("sparse_topk", &tgtfast::sparse_topk_cpu);
 }

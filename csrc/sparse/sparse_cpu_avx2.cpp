@@ -5,6 +5,7 @@
 #define TGTFAST_FWD_NAME sparse_coarse_fwd_avx2
 #define TGTFAST_BWD_NAME sparse_coarse_bwd_avx2
 #define TGTFAST_FUSED_NAME sparse_divergence_rows_avx2
+#define TGTFAST_TOPK_NAME sparse_topk_rows_avx2
 #define TGTFAST_DIV_NAME divergence_rows_avx2
 #include "sparse_cpu_kernel.inc"
 #else
@@ -19,6 +20,9 @@ void sparse_coarse_bwd_avx2(const SparseCoarseArgs& args, int64_t begin, int64_t
 }
 void sparse_divergence_rows_avx2(const SparseDivergenceArgs& args, int64_t begin, int64_t end) {
   sparse_divergence_rows_base(args, begin, end);
+}
+void sparse_topk_rows_avx2(const SparseTopkArgs& args, int64_t begin, int64_t end) {
+  sparse_topk_rows_base(args, begin, end);
 }
 }  // namespace cpu
 }  // namespace tgtfast

@@ -64,5 +64,23 @@ struct SparseDivergenceArgs {
 void sparse_divergence_rows_avx2(const SparseDivergenceArgs& args, int64_t begin, int64_t end);
 void sparse_divergence_rows_base(const SparseDivergenceArgs& args, int64_t begin, int64_t end);
 
+struct SparseTopkArgs {
+  const void* logits = nullptr;      // [*, classes] of `dtype`, rows contiguous
+  DType dtype = DType::kFloat32;
+  const int64_t* rows = nullptr;     // [rows]: the logits' rows to reduce, or null (rows 0 .. rows - 1)
+  int64_t rows_count = 0;
+  int64_t classes = 0;
+  int64_t kept = 0;
+  double inv_temperature = 1.0;
+  float* values = nullptr;           // [rows, kept]: log-probabilities, most probable first
+  int64_t* indices = nullptr;        // [rows, kept]: their class ids (lower id first among equal values)
+};
+
+// The teacher cache's reduction: per row, log_softmax(logits * inv_temperature) and its `kept` largest entries, in
+// one sweep (a min-heap of the kept candidates; blocks whose max does not beat the heap's minimum are skipped). A row
+// with NaN, +inf, or only -inf gets NaN values.
+void sparse_topk_rows_avx2(const SparseTopkArgs& args, int64_t begin, int64_t end);
+void sparse_topk_rows_base(const SparseTopkArgs& args, int64_t begin, int64_t end);
+
 }  // namespace cpu
 }  // namespace tgtfast

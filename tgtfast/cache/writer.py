@@ -35,11 +35,22 @@ _BLOCK_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}  # float32 rows reduced at a
 
 
 def topk_logprobs(logits: torch.Tensor, k: int, temperature: float = 1.0,
-                  rows: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                  rows: Optional[torch.Tensor] = None, *,
+                  backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(log_softmax(logits[rows].float() / temperature), k)`` of ``[N, V]`` logits (all rows when
-    ``rows`` is None), in row blocks: float32 ``[n, k]`` log-probabilities (most probable first) and int64
-    ``[n, k]`` class ids. The rows are gathered block by block into one float32 buffer, which is reduced in
-    place: no float32 copy of the whole input."""
+    ``rows`` is None): float32 ``[n, k]`` log-probabilities (most probable first) and int64 ``[n, k]`` class ids.
+    A row with NaN, ``+inf`` or no finite logit gets NaN values.
+
+    On the CPU the C++ kernel does it in one sweep per row, with no copy of the input (``tgtfast.backends(
+    "sparse_topk")``); elsewhere the rows are gathered block by block into one float32 buffer, which is reduced in
+    place by ``torch.log_softmax`` and ``torch.topk`` (``backend="reference"`` takes that path anywhere)."""
+    from tgtfast.dispatch import Backend, select
+    from tgtfast.ops import sparse as _sparse_op
+
+    chosen = select(backend, logits.device, logits.dtype, op=_sparse_op.TOPK_OP)
+    if chosen is not Backend.REFERENCE:
+        return _sparse_op.TOPK[chosen.value](logits.contiguous(), None if rows is None else rows.contiguous(), k,
+                                             float(temperature))
     v = logits.shape[1]
     n = logits.shape[0] if rows is None else rows.shape[0]
     values = torch.empty(n, k, dtype=torch.float32, device=logits.device)

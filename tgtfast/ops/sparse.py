@@ -14,6 +14,9 @@ On the CPU the whole loss is one op, ``tgtfast::sparse_divergence_fwd``: per row
 the student, runs the divergence kernel on the ``k + 1`` classes and writes the gradient while the row is in cache (one
 read of the logits and one write of the gradient); like the ``divergence`` op it returns the gradient of the loss
 computed in the forward pass, and its backward hands it on (times the incoming gradient when that is not 1).
+
+``tgtfast::sparse_topk`` (CPU, dispatcher entry ``"sparse_topk"``) is the teacher cache's reduction: the top k of
+the teacher's log-softmax in one sweep per row (tgtfast/cache/writer.py).
 """
 
 from __future__ import annotations
@@ -130,6 +133,24 @@ else:
 
 register_op(OP, missing=_missing, dtypes={Backend.CUDA: (torch.float32, torch.float16, torch.bfloat16)},
             loaders={Backend.TRITON: _load_triton})
+
+
+TOPK_OP = "sparse_topk"
+TOPK: Dict[str, Callable] = {}  # backend name -> sparse_topk(logits, rows, k, temperature) -> (values, indices)
+if _ext.ext is not None and _has_kernel("sparse_topk", "CPU"):
+    TOPK["cpp"] = torch.ops.tgtfast.sparse_topk.default
+
+    @torch.library.register_fake("tgtfast::sparse_topk")
+    def _fake_topk(logits, rows, k, temperature):
+        n = logits.shape[0] if rows is None else rows.shape[0]
+        return (logits.new_empty((n, k), dtype=torch.float32), logits.new_empty((n, k), dtype=torch.int64))
+
+    _topk_missing = {Backend.CUDA: "torch.topk serves GPU tensors", Backend.TRITON: "torch.topk serves GPU tensors"}
+else:
+    _topk_missing = {b: "the compiled extension has no sparse_topk kernel (rebuild it)"
+                     for b in (Backend.CPP, Backend.CUDA, Backend.TRITON)}
+register_op(TOPK_OP, missing=_topk_missing, dtypes={Backend.CPP: (torch.float32, torch.float64, torch.float16,
+                                                                   torch.bfloat16)})
 
 
 def fused(backend: Backend):
