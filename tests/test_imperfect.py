@@ -71,10 +71,11 @@ def test_teacher_wrong_exactly_where_uncertain_gives_a_step():
 
 
 def _ece_by_hand(conf, correct, bins):
+    # tgtfast.metrics' bins: (b / B, (b + 1) / B], bin 0 also holding a confidence of 0
     total = 0.0
     for b in range(bins):
         lo, hi = b / bins, (b + 1) / bins
-        members = [i for i in range(len(conf)) if lo <= conf[i] < hi or (b == bins - 1 and conf[i] == 1.0)]
+        members = [i for i in range(len(conf)) if lo < conf[i] <= hi or (b == 0 and conf[i] == 0.0)]
         if members:
             acc = sum(correct[i] for i in members) / len(members)
             mean_conf = sum(conf[i] for i in members) / len(members)

@@ -16,6 +16,9 @@
   generator and labeler (``tgtfast train`` on the command line).
 * :func:`perturb_decode_label`: Teacher Guided Training's perturb -> decode -> label step, with the counter-based
   noise :func:`latent_noise`, the fused :func:`perturb` and :func:`temperature_softmax`.
+* :mod:`tgtfast.imperfect`: distillation from an imperfect teacher: the teacher's reliability on a labelled
+  split (:class:`TeacherReliability`), weighted distillation, SLaM (:func:`slam_loss`) and robust active selection
+  of teacher queries (:class:`RobustActiveSelector`); :mod:`tgtfast.metrics`: accuracy, NLL and calibration error.
 * :func:`backends`: which implementations this machine can run, and why not the others;
   :func:`empty_cpu_cache` frees the output blocks the C++ ops keep for reuse.
 * :mod:`tgtfast.reference`: the eager PyTorch specification every backend is tested against.
@@ -70,6 +73,20 @@ from tgtfast.proxy import (  # noqa: E402
     proxy_teacher,
     search_coefficients,
     stationarity_residual,
+)
+from tgtfast import imperfect, metrics  # noqa: E402
+from tgtfast.imperfect import (  # noqa: E402
+    MonotoneCurve,
+    RobustActiveSelector,
+    SLaMLoss,
+    TeacherReliability,
+    WeightedDistillLoss,
+    debiasing_weights,
+    robust_query_probabilities,
+    select_queries,
+    slam_loss,
+    student_informativeness,
+    weighted_distill_loss,
 )
 from tgtfast.tgt import latent_noise, perturb, perturb_decode_label, temperature_softmax  # noqa: E402
 from tgtfast.train import TGTConfig, TGTHistory, TGTTrainer  # noqa: E402
@@ -135,6 +152,17 @@ __all__ = [
     "CachedTeacherDataset",
     "TeacherCollator",
     "CacheError",
+    "TeacherReliability",
+    "MonotoneCurve",
+    "debiasing_weights",
+    "weighted_distill_loss",
+    "WeightedDistillLoss",
+    "slam_loss",
+    "SLaMLoss",
+    "student_informativeness",
+    "robust_query_probabilities",
+    "select_queries",
+    "RobustActiveSelector",
     "fused_linear_distill_loss",
     "FusedLinearDistillLoss",
     "ptloss",

@@ -16,7 +16,7 @@ from tgtfast.imperfect.active import (
     select_queries,
     student_informativeness,
 )
-from tgtfast.imperfect.reliability import MIN_PER_BIN, MonotoneCurve, TeacherReliability, expected_calibration_error
+from tgtfast.imperfect.reliability import MIN_PER_BIN, MonotoneCurve, TeacherReliability
 from tgtfast.imperfect.slam import SLaMLoss, slam_loss, slam_mix
 from tgtfast.imperfect.weighted import WeightedDistillLoss, debiasing_weights, weighted_distill_loss
 
@@ -24,7 +24,6 @@ __all__ = [
     "MIN_PER_BIN",
     "MonotoneCurve",
     "TeacherReliability",
-    "expected_calibration_error",
     "debiasing_weights",
     "weighted_distill_loss",
     "WeightedDistillLoss",

@@ -18,9 +18,10 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from tgtfast import metrics
 from tgtfast import validation as V
 
-__all__ = ["MIN_PER_BIN", "MonotoneCurve", "TeacherReliability", "teacher_scores", "pav", "expected_calibration_error"]
+__all__ = ["MIN_PER_BIN", "MonotoneCurve", "TeacherReliability", "teacher_scores", "pav"]
 
 MIN_PER_BIN = 25
 """Labelled examples needed per bin: a bin's accuracy then has a standard error of at most
@@ -97,14 +98,6 @@ def teacher_scores(logits: torch.Tensor, score: str = "margin", temperature: flo
         return p.amax(-1) if score == "confidence" else torch.ones_like(p[..., 0])
     top = p.topk(2, dim=-1).values
     return top[..., 0] - top[..., 1]
-
-
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int) -> float:
-    """``sum_b (n_b / n) |accuracy_b - mean confidence_b|`` over ``bins`` equal-width confidence bins of
-    ``[0, 1]`` (Guo et al. 2017; a confidence of exactly 1 falls in the last bin)."""
-    idx = np.minimum((confidence * bins).astype(np.int64), bins - 1)
-    gap = np.bincount(idx, weights=correct.astype(np.float64) - confidence, minlength=bins)
-    return float(np.abs(gap).sum() / max(len(confidence), 1))
 
 
 def _flat_checked(teacher_logits, labels, ignore_index: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -202,10 +195,9 @@ class TeacherReliability:
         kmax = min(max_k, x.shape[-1])
         rank_of_label = (p > p.gather(-1, y.unsqueeze(-1))).sum(-1).cpu().numpy()  # 0 = the label is top-1
         curves = tuple(MonotoneCurve.fit(s, rank_of_label < j, method=method, bins=bins) for j in range(1, kmax + 1))
-        conf = p.amax(-1).cpu().numpy()
         correct = rank_of_label == 0
         return cls(curves[0], curves, score=score, method=method, bins=bins, temperature=temperature,
-                   coverage=coverage, ece=expected_calibration_error(conf, correct, bins), num_examples=n,
+                   coverage=coverage, ece=metrics.expected_calibration_error(p, y, num_bins=bins), num_examples=n,
                    accuracy_mean=float(correct.mean()))
 
     def scores(self, teacher_logits: torch.Tensor) -> torch.Tensor:
