@@ -22,7 +22,7 @@ import torch
 from tgtfast import validation
 from tgtfast.ops import proxy_solve as _op
 from tgtfast.proxy import _checks
-from tgtfast.proxy.solve import _block_rows, _solve_flat, proxy_teacher
+from tgtfast.proxy.solve import _block_rows, _solve_flat, global_check, proxy_teacher
 
 __all__ = ["deviation", "search_coefficients", "CoefficientSearchResult"]
 
@@ -77,7 +77,11 @@ class CoefficientSearchResult:
         ``C = num_candidates + 1``; index 0 is plain KL (``coeffs = 0``), indices 1.. the random draws (in
         ``candidates``, ``[C, M]`` or ``[C, M, K]``). kl_deviation: D of plain KL (``<= deviation`` never fails
         the other way: ``deviation <= kl_deviation``). refined_from: D of the best random candidate before
-        ``refine`` (None without refine)."""
+        ``refine`` (None without refine); refine keeps every coefficient in the sampling box ``[low, high]``
+        (widened to contain 0, where plain KL lies). inputs: ``"probs"`` or ``"logits"``, how the teacher was
+        given. global_check: whether the proxy teacher of ``coeffs`` is the global minimiser of the loss on the
+        validation rows (see :func:`tgtfast.proxy.solve.global_check`: ``rows``, ``starts``, ``not_global``,
+        ``argmax_differs``, ``worst_gap``; None when not checked); a warning is raised when it is not."""
 
     coeffs: torch.Tensor
     deviation: float
@@ -94,6 +98,8 @@ class CoefficientSearchResult:
     temperature: float
     refined_from: Optional[float] = None
     refine_steps: int = 0
+    inputs: str = "probs"
+    global_check: Optional[Dict[str, Any]] = None
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -112,6 +118,8 @@ class CoefficientSearchResult:
             "low": self.low,
             "high": self.high,
             "temperature": self.temperature,
+            "inputs": self.inputs,
+            "global_check": self.global_check,
             "candidate_deviations": self.candidate_deviations.tolist(),
         }
 
@@ -179,9 +187,10 @@ def _search_sums(p64: torch.Tensor, labels: torch.Tensor, eta: torch.Tensor, max
 
 
 def search_coefficients(
-    teacher: torch.Tensor,
-    labels: torch.Tensor,
+    teacher: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
     *,
+    teacher_logits: Optional[torch.Tensor] = None,
     order: int = 5,
     num_candidates: int = 100,
     low: float = -1.0,
@@ -194,24 +203,41 @@ def search_coefficients(
     backend: Optional[str] = None,
     refine_steps: int = 20,
     distributed: Optional[bool] = None,
+    check_global: bool = True,
 ) -> CoefficientSearchResult:
     """Random search of PTLoss coefficients by the Proxy Teacher deviation (paper Sec. 4.1.3, Eq. 21).
 
+    The teacher comes in one of two ways, the same two that :func:`tgtfast.ptloss` takes:
+
+    * ``teacher_logits=`` ``[N, K]`` logits (what the losses take by default): ``p = softmax(logits /
+      temperature)``, the teacher distribution a ``PTLoss(coeffs, temperature=T)`` distils from; pass the
+      temperature you train with. (``search_coefficients(logits, labels, teacher_is_logits=True)`` is the older
+      spelling of the same.)
+    * ``teacher`` ``[N, K]`` probabilities (the first positional argument), used as given, as
+      ``PTLoss(..., teacher_is_logits=False)`` uses them: not tempered, so a ``temperature`` other than 1 with
+      probabilities is an error (temper the logits instead, or pass ``teacher_logits=``).
+
     Args:
-        teacher: ``[N, K]`` validation-set teacher probabilities (or logits with ``teacher_is_logits=True``, then
-            ``p = softmax(teacher / temperature)``; probabilities are used as given, as in :func:`tgtfast.ptloss`).
-        labels: ``[N]`` integer labels in ``[0, K)``.
+        teacher: ``[N, K]`` validation-set teacher probabilities (or logits with ``teacher_is_logits=True``).
+        labels: ``[N]`` integer labels in ``[0, K)`` (required).
+        teacher_logits: ``[N, K]`` validation-set teacher logits, instead of ``teacher``.
         order: M, the number of perturbation orders. num_candidates: random draws (the paper uses 100).
         low, high: each coefficient is drawn uniformly in ``[low, high]`` (paper: ``[-1, 10]``) from a
             ``torch.Generator`` seeded with ``seed`` (same draws on every machine and rank).
         per_class: draw ``[M, K]`` coefficients (else shared ``[M]``).
-        refine: continue from the best candidate with ``refine_steps`` steps of gradient descent on D (gradient by
-            implicit differentiation of the solve, backtracking so D never increases); ``refined_from`` reports
-            D before.
+        temperature: of the logits (see above).
+        refine: continue from the best candidate with ``refine_steps`` steps of projected gradient descent on D
+            (gradient by implicit differentiation of the solve, backtracking so D never increases), keeping every
+            coefficient in ``[min(low, 0), max(high, 0)]``; ``refined_from`` reports D before.
         backend: ``None``/``"auto"``, ``"cpp"`` or ``"reference"`` (see the module docstring).
         distributed: None = all-reduce across ranks if ``torch.distributed`` is initialised (the validation set
             may be sharded: the per-candidate sums and the row count are all-reduced, so every rank returns what
             one process returns on the whole set; every rank must call this).
+        check_global: check that the chosen coefficients' proxy teacher is the global minimiser of the loss on
+            this rank's validation rows (``result.global_check``; a ``UserWarning`` when it is not on some row).
+            The multi-class solve finds the minimum reached from the teacher; where the loss is non-convex a
+            student trained with PTLoss can end in a lower minimum that predicts another class, and the deviation
+            then describes a teacher the student does not learn. Costs ``min(K, 10)`` more solves per row.
 
     Plain KL (``coeffs = 0``) is always candidate 0, so ``result.deviation <= result.kl_deviation``; ties keep the
     earliest candidate.
@@ -224,12 +250,25 @@ def search_coefficients(
         raise ValueError(f"low must be <= high, got low={low} > high={high}")
     temperature = validation.temperature(temperature, _F64)
     seed = validation.integer("seed", seed, low=-(2**63), high=2**64 - 1)  # what torch.Generator.manual_seed takes
-    t = _checks.as_tensor(teacher, "teacher")
+    if (teacher is None) == (teacher_logits is None):
+        raise TypeError("pass the teacher once: teacher (probabilities, positional) or teacher_logits=")
+    if labels is None:
+        raise TypeError("labels is required: [N] integer class indices of the validation rows")
+    if teacher_logits is not None:
+        if teacher_is_logits:
+            raise TypeError("teacher_is_logits applies to the positional teacher; teacher_logits= is logits already")
+        teacher, teacher_is_logits = teacher_logits, True
+    t = _checks.as_tensor(teacher, "teacher_logits" if teacher_logits is not None else "teacher")
     _op.solver(backend, t.device)  # an unknown or unusable backend is refused before any work
     if teacher_is_logits:
-        _checks.logits(t, "teacher")
+        _checks.logits(t, "teacher_logits" if teacher_logits is not None else "teacher")
         p64 = torch.softmax(t.detach().to("cpu", _F64) / temperature, -1)
     else:
+        if temperature != 1.0:
+            raise ValueError(
+                f"temperature={temperature:g} with teacher probabilities: probabilities are used as given (as "
+                "PTLoss(..., teacher_is_logits=False) uses them), so a temperature would be ignored; pass the "
+                "logits as teacher_logits= to search at that temperature, or temper the probabilities yourself")
         p64 = _checks.probs(t, "teacher").detach().to("cpu", _F64)
         p64 = p64 / p64.sum(-1, keepdim=True) if p64.numel() else p64
     n, k = p64.shape
@@ -259,15 +298,36 @@ def search_coefficients(
         coeffs=best_coeffs, deviation=best_dev, candidate_deviations=devs, kl_deviation=float(devs[0]),
         seed=int(seed), best_index=best, candidates=cands, order=order, per_class=bool(per_class),
         num_classes=k, low=low, high=high, temperature=temperature,
+        inputs="logits" if teacher_is_logits else "probs",
     )
     if refine and refine_steps > 0:
         # the refine solves the CPU copies (and differentiates through them): where the search ran the CUDA
         # kernel, a CPU implementation takes over (forcing backend="cuda" on the CPU copies would be refused)
-        coeffs, d_new, steps = _refine(p64, labels, best_coeffs, best_dev, total, refine_steps, low, high,
+        box = (min(low, 0.0), max(high, 0.0))
+        coeffs, d_new, steps = _refine(p64, labels, best_coeffs, best_dev, total, refine_steps, box,
                                        use_dist, t.device, _op.cpu_solver(backend, t.device))
         result.refined_from = best_dev
         result.coeffs, result.deviation, result.refine_steps = coeffs, d_new, steps
+    if check_global:
+        result.global_check = _check_global(p64, result.coeffs, k, backend, t.device)
     return result
+
+
+def _check_global(p64, coeffs, k, backend, dev) -> Dict[str, Any]:
+    """:func:`global_check` of the chosen coefficients on the local rows, with a warning when it fails."""
+    eta = coeffs if coeffs.dim() == 2 else coeffs[:, None].expand(-1, k)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = proxy_teacher(p64, eta, batched=False, backend=_op.cpu_solver(backend, dev))
+    out = global_check(p64, eta, q)
+    if out["not_global"]:
+        warnings.warn(
+            f"search_coefficients: on {out['not_global']} of {out['rows']} validation rows the proxy teacher of the "
+            f"chosen coefficients is not the global minimiser of the loss (a lower minimum, up to "
+            f"{out['worst_gap']:.3g} lower, that predicts another class on {out['argmax_differs']} rows): a student "
+            "trained with them can learn other predictions than the Proxy Teacher's. A narrower [low, high] (or no "
+            "refine) avoids such coefficients; see result.global_check", UserWarning, stacklevel=3)
+    return out
 
 
 def _global_dev(p64, labels, coeffs, total, use_dist, dev, grad: bool, backend=None):
@@ -296,19 +356,23 @@ def _global_dev(p64, labels, coeffs, total, use_dist, dev, grad: bool, backend=N
     return float((s[0] / total) ** 2 + (s[1] / total) ** 2), g
 
 
-def _refine(p64, labels, coeffs, d0, total, steps, low, high, use_dist, dev, backend=None):
-    """Gradient descent with backtracking on D from the best candidate; D never increases."""
+def _refine(p64, labels, coeffs, d0, total, steps, box, use_dist, dev, backend=None):
+    """Projected gradient descent with backtracking on D from the best candidate, every coefficient kept in
+    ``box = (low, high)``; D never increases."""
+    low, high = box
     cur, d_cur = coeffs.clone(), d0
     step = 0.1 * max(high - low, 1.0)  # largest coefficient move per step
     done = 0
     for _ in range(steps):
         _, g = _global_dev(p64, labels, cur, total, use_dist, dev, grad=True, backend=backend)
+        if g is not None:  # coefficients at a bound that the step would push out stay there
+            g = torch.where(((cur <= low) & (g > 0)) | ((cur >= high) & (g < 0)), torch.zeros_like(g), g)
         gmax = float(g.abs().max()) if g is not None and g.numel() else 0.0
         if not math.isfinite(gmax) or gmax == 0.0:
             break
         improved = False
         for _bt in range(20):
-            trial = cur - (step / gmax) * g
+            trial = (cur - (step / gmax) * g).clamp(low, high)
             d_trial, _ = _global_dev(p64, labels, trial, total, use_dist, dev, grad=False, backend=backend)
             if math.isfinite(d_trial) and d_trial < d_cur:
                 cur, d_cur, improved = trial, d_trial, True

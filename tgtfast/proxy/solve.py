@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -114,13 +114,14 @@ def _residual_from(phi, lam, q, p):
     return torch.where(active, (phi - lam[:, None]).abs(), torch.zeros((), dtype=phi.dtype)).amax(-1)
 
 
-def _solve_mc_block(p, logp, supp, eta, max_iter: int, tol: float):
-    """Damped Newton on the logits for rows [r, K] (eta [M, r, K]); returns (z [r, K], residual [r]).
+def _solve_mc_block(p, logp, supp, eta, max_iter: int, tol: float, z0: Optional[torch.Tensor] = None):
+    """Damped Newton on the logits for rows [r, K] (eta [M, r, K]) from ``z0`` (default ``log p``); returns
+    (z [r, K], residual [r]).
 
     Rows leave the batch as they converge (residual <= tol) or stall; the state at an accepted trial point is
     reused for the next iteration, so a full step costs one evaluation of the objective and its derivatives."""
     neg_inf = torch.tensor(-math.inf, dtype=_F64)
-    z = torch.where(supp, logp, neg_inf)
+    z = torch.where(supp, logp if z0 is None else z0, neg_inf)
     r = z.shape[0]
     active = torch.arange(r)
     pa, lpa, sa, ea, za = p, logp, supp, eta, z.clone()
@@ -348,6 +349,77 @@ def _aux_from_q(q: torch.Tensor, k: int) -> torch.Tensor:
         if k == 2:
             return torch.log(q[:, 0]) - torch.log(q[:, 1])
         return torch.log(q)
+
+
+def _maybe_concave(eta: torch.Tensor) -> torch.Tensor:
+    """Per class (``eta`` ``[M, K]``): whether ``-log q + h(1 - q)`` may be non-convex on ``(0, 1]``, i.e. whether
+    ``1 / q^2 + h''(1 - q)`` drops to 0 or below on a grid of 1000 points in ``[1e-3, 1]`` (below ``1e-3``,
+    ``1 / q^2 >= 1e6`` dominates any coefficients of a sane size). ``L`` is separable, so it is convex on the
+    simplex when no class is."""
+    qg = torch.linspace(1e-3, 1.0, 1000, dtype=_F64)
+    _, _, d2 = _poly(eta[:, :, None], (1 - qg)[None, :])  # [K, G]
+    return ((1.0 / qg**2)[None] + d2).amin(1) <= 0
+
+
+def global_check(p64: torch.Tensor, eta: torch.Tensor, q: torch.Tensor, *, max_starts: int = 10,
+                 max_iter: int = 30, tol: float = 1e-8, max_elements: int = 1 << 18) -> Dict[str, Any]:
+    """Is ``q`` (``[N, K]``, the proxy teacher of ``p64`` for the coefficients ``eta`` ``[M, K]``) the global
+    minimiser of ``L(p, .)`` on every row? ``L`` can be non-convex (large or negative coefficients), and the
+    multi-class solve finds the local minimum reached from the teacher.
+
+    ``L`` is separable in ``q``, so it is convex (and ``q`` global) when every class's term is; that is checked
+    first, on the coefficients alone. Otherwise, for each row, damped Newton is run again from ``0.9 e_j + 0.1 p``
+    for the ``min(K, max_starts)`` classes ``j`` of largest teacher probability (the vertices, where a non-convex
+    perturbation pulls ``L`` down); a start that ends lower than ``q`` by more than ``1e-9 (1 + |L|)`` shows that
+    ``q`` is not the global minimum. Only the first rows are checked when ``rows x starts x K`` would exceed
+    ``max_elements``.
+
+    Returns ``rows`` (N), ``convex`` (no check needed), ``checked_rows``, ``starts`` per row, ``not_global`` (rows
+    with a lower minimum), ``argmax_differs`` (those of them whose lower minimum predicts another class than
+    ``q``) and ``worst_gap`` (the largest ``L(p, q) - L(p, q_lower)``). ``K <= 2`` needs no check (the binary solve
+    is global)."""
+    n, k = p64.shape
+    out: Dict[str, Any] = {"rows": n, "checked_rows": 0, "starts": 0, "convex": True, "not_global": 0,
+                           "argmax_differs": 0, "worst_gap": 0.0}
+    if k <= 2 or n == 0 or not bool(_maybe_concave(eta.to("cpu", _F64)).any()):
+        return out
+    out["convex"] = False
+    s = min(k, max_starts)
+    n = min(n, max(1, max_elements // (s * k)))  # the first rows, within the work budget
+    p64, q = p64[:n], q[:n]
+    out["starts"], out["checked_rows"] = s, n
+    supp = p64 > 0
+    one = torch.ones((), dtype=_F64)
+    logp = torch.where(supp, torch.log(torch.where(supp, p64, one)), torch.zeros((), dtype=_F64))
+    q = q.to("cpu", _F64)
+    zq = torch.where(supp, torch.log(torch.where(q > 0, q, one)), torch.tensor(-math.inf, dtype=_F64))
+    e_rows = eta.to("cpu", _F64)[:, None, :]
+    f_q = _mc_objective(p64, supp, zq, e_rows.expand(-1, n, -1))
+    best_f = f_q.clone()
+    best_arg = q.argmax(1)
+    top = p64.topk(s, dim=1).indices  # [n, s]
+    rows_per_block = max(1, _block_rows(k) // s)
+    for lo in range(0, n, rows_per_block):
+        hi = min(lo + rows_per_block, n)
+        r = hi - lo
+        pr = p64[lo:hi].repeat_interleave(s, 0)
+        lpr, sr = logp[lo:hi].repeat_interleave(s, 0), supp[lo:hi].repeat_interleave(s, 0)
+        start = 0.1 * pr + 0.9 * torch.nn.functional.one_hot(top[lo:hi].flatten(), k).to(_F64)
+        z0 = torch.log(torch.where(sr, start, one))
+        er = e_rows.expand(-1, r * s, -1)
+        z, _ = _solve_mc_block(pr, lpr, sr, er, max_iter, tol, z0=z0)
+        f = _mc_objective(pr, sr, z, er).view(r, s)
+        f_min, which = f.min(1)
+        arg = z.view(r, s, k).argmax(2).gather(1, which[:, None])[:, 0]
+        lower = f_min < best_f[lo:hi]
+        best_f[lo:hi] = torch.where(lower, f_min, best_f[lo:hi])
+        best_arg[lo:hi] = torch.where(lower, arg, best_arg[lo:hi])
+    gap = f_q - best_f
+    bad = gap > 1e-9 * (1 + f_q.abs())
+    out["not_global"] = int(bad.sum())
+    out["argmax_differs"] = int((bad & (best_arg != q.argmax(1))).sum())
+    out["worst_gap"] = float(gap.clamp_min(0).max())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
