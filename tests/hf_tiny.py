@@ -43,7 +43,7 @@ def examples(n, length=12, vocab=V, seed=0):
     for i in range(n):
         ids = torch.randint(3, vocab, (length,), generator=g)
         labels = ids.clone()
-        labels[: 1 + (3 * i) % (length - 3)] = -100
+        labels[: (3 * i) % (length - 3)] = -100  # example 0 has a label at position 0 (never a target)
         out.append({"input_ids": ids, "attention_mask": torch.ones(length, dtype=torch.int64), "labels": labels})
     return out
 

@@ -1,9 +1,10 @@
 """Run by tests/test_hf_trainer_distributed.py: DistillationTrainer on tiny models, one optimiser step over 4
-examples; rank 0 saves the student's parameters (safetensors) and what it logged (JSON) in OUT.
+examples; rank 0 saves the student's parameters (or gradients) as safetensors and what it logged as JSON in
+OUT/MODE for each MODE of a comma-separated list (one launch, the processes' start-up paid once).
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/hf_trainer_script.py OUT ddp   # batch 1, 2 accumulation steps
-    python tests/hf_trainer_script.py OUT one                                               # one process, one batch of 4
-    python -m torch.distributed.run --nproc_per_node 2 tests/hf_trainer_script.py OUT fsdp2 # torch's fully_shard
+    python -m torch.distributed.run --nproc_per_node 2 tests/hf_trainer_script.py OUT ddp,fsdp2
+      ddp: Trainer.train, batch 1 per process, 2 accumulation steps; fsdp2: the loss on a fully_shard student
+    python tests/hf_trainer_script.py OUT one     # one process, one batch of 4
 """
 
 import json
@@ -75,5 +76,7 @@ def fsdp2_step(out: str) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    out, mode = sys.argv[1], sys.argv[2]
-    fsdp2_step(out) if mode == "fsdp2" else trainer_step(out, mode)
+    for mode in sys.argv[2].split(","):
+        out = os.path.join(sys.argv[1], mode)
+        os.makedirs(out, exist_ok=True)
+        fsdp2_step(out) if mode == "fsdp2" else trainer_step(out, mode)

@@ -132,6 +132,14 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     for key in ("loss", "kd_loss", "ce_loss"):
         assert math.isclose(log1[key], log4[key], rel_tol=1e-5), (key, log1, log4)
     assert math.isclose(log1["loss"], log1["kd_loss"] + log1["ce_loss"], rel_tol=1e-5)
+    # the step's loss is the per-token mean over its 4 examples, as the eager step computes it
+    student, teacher, batch = H.llama(seed=0), H.llama(seed=1), H.collate(data)
+    t_logits = _teacher_logits(teacher, batch)
+    with torch.no_grad():
+        kd = _eager(student, t_logits, batch, "skew_kl", 0.2)
+        both = _eager(student, t_logits, batch, "skew_kl", 0.2, ce=1.0)
+    assert math.isclose(log1["kd_loss"], float(kd), rel_tol=1e-5)
+    assert math.isclose(log1["loss"], float(both), rel_tol=1e-5)
 
 
 def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):

@@ -26,13 +26,14 @@ import hf_tiny as H  # noqa: E402
 import hf_trainer_script as S  # noqa: E402
 
 
-def _torchrun(tmp_path, mode):
-    out = tmp_path / mode
-    out.mkdir()
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """One torchrun launch running both modes (the processes' start-up dominates the time)."""
+    out = tmp_path_factory.mktemp("dist")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(HERE, "hf_trainer_script.py"), str(out), mode]
+           os.path.join(HERE, "hf_trainer_script.py"), str(out), "ddp,fsdp2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="")
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     return out
 
@@ -49,9 +50,9 @@ def _assert_close(got, want):
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
 
 
-def test_ddp_two_processes_equal_one(tmp_path):
+def test_ddp_two_processes_equal_one(tmp_path, launched):
     torch.set_num_threads(1)
-    got, ddp = _load(_torchrun(tmp_path, "ddp"))
+    got, ddp = _load(launched / "ddp")
     assert ddp["wrapped"] == "DistributedDataParallel" and ddp["teacher"] == "LlamaForCausalLM"
     one = tmp_path / "one"
     one.mkdir()
@@ -63,9 +64,9 @@ def test_ddp_two_processes_equal_one(tmp_path):
         assert math.isclose(ddp["logs"][0][key], single["logs"][0][key], rel_tol=1e-5), key
 
 
-def test_fsdp2_sharded_student_equals_one_process(tmp_path):
+def test_fsdp2_sharded_student_equals_one_process(tmp_path, launched):
     torch.set_num_threads(1)
-    got, meta = _load(_torchrun(tmp_path, "fsdp2"))
+    got, meta = _load(launched / "fsdp2")
     assert meta["projection"] == "DTensor"  # sharded outside the forward: the loss ran inside it
     student, teacher = S.models()
     tr = S.DistillationTrainer(student, H.args(tmp_path / "one"), H.collate, teacher_model=teacher, **S.LOSS)

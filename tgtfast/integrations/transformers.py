@@ -74,8 +74,11 @@ The loss, per optimiser step:
 * sharded students: under DDP/FSDP/DeepSpeed the loss runs as the wrapped model's forward (forward redirection),
   so DDP prepares its reduction and FSDP has the root unit's parameters gathered (keep the output projection in
   the root unit: wrap only the decoder layers); an FSDP2 DTensor projection is gathered with ``full_tensor()``, a
-  ZeRO-3 one with ``deepspeed.zero.GatheredParameters`` (untested). Tested: one process, DDP (``torchrun``, gloo,
-  CPU). See the notes on FSDP in the README section "Hugging Face training".
+  ZeRO-3 one with ``deepspeed.zero.GatheredParameters`` (untested). Tested on the CPU: one process; DDP through
+  ``Trainer.train`` under ``torchrun`` (gloo); the loss of a student sharded by torch's FSDP2 ``fully_shard``
+  (decoder layers and root) under ``torchrun``, outside ``Trainer.train``, because accelerate refuses FSDP
+  without a GPU (or other accelerator). Written, untested: ``Trainer.train`` under FSDP (accelerate's FSDP
+  plugin, FSDP1 or 2) and DeepSpeed.
 
 Cached teachers: build the dataset with :class:`tgtfast.CachedTeacherDataset` and batch it with
 :class:`tgtfast.TeacherCollator` (``shift_labels=False``, the default: labels stay transformers-style); each batch
