@@ -72,8 +72,9 @@ def test_distill_end_to_end_matches_the_trainer(setup, capsys):
     data = [{"input_ids": i, "attention_mask": m} for i, m in zip(enc["input_ids"], enc["attention_mask"])]
     student, teacher = H.llama(seed=0), H.llama(seed=1, hidden=48)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    DistillationTrainer(student, H.args(tmp_path / "direct", **TRAINING), DataCollatorForLanguageModeling(tok, mlm=False),
-                        data, teacher_model=teacher, **LOSS).train()
+    collator = DataCollatorForLanguageModeling(tok, mlm=False)
+    DistillationTrainer(student, H.args(tmp_path / "direct", **TRAINING), collator, data, teacher_model=teacher,
+                        **LOSS).train()
     assert any(not torch.equal(trained[k], before[k]) for k in before)
     for k, v in student.state_dict().items():
         torch.testing.assert_close(trained[k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")

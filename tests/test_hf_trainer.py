@@ -90,8 +90,8 @@ def test_logit_softcapping_and_scale_are_applied(tmp_path, arch):
             torch.manual_seed(seed)
             return CohereForCausalLM(CohereConfig(vocab_size=H.V, hidden_size=32, intermediate_size=64,
                                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                                  logit_scale=scale, initializer_range=0.5, pad_token_id=0, bos_token_id=1,
-                                                  eos_token_id=2))
+                                                  logit_scale=scale, initializer_range=0.5, pad_token_id=0,
+                                                  bos_token_id=1, eos_token_id=2))
         student, teacher = cohere(0, 3.0), cohere(1, 0.5)
         off = dict(logit_scale=1.0)
     batch = H.collate(H.examples(2))
@@ -232,7 +232,7 @@ def test_vocab_size_mismatch(tmp_path):
         _trainer(tmp_path, student, big)
     batch = H.collate(H.examples(2, vocab=H.V - 8))
     tr = _trainer(tmp_path, student, big, vocab_mismatch="slice", divergence="forward_kl")
-    want = _eager(student, F.pad(_teacher_logits(big, batch)[..., :H.V], (0, 0)), batch, "forward_kl")
+    want = _eager(student, _teacher_logits(big, batch)[..., :H.V], batch, "forward_kl")
     torch.testing.assert_close(tr.compute_loss(student, batch).detach(), want.detach(), rtol=1e-5, atol=1e-6)
     tr = _trainer(tmp_path, student, small, vocab_mismatch="pad", divergence="forward_kl")
     padded = F.pad(_teacher_logits(small, batch), (0, 8), value=-math.inf)
@@ -298,3 +298,19 @@ def test_clear_errors(tmp_path):
         tr.compute_loss(student, batch)
     with pytest.raises(ValueError, match="no teacher"):
         _trainer(tmp_path, H.llama(seed=0), None).compute_loss(H.llama(seed=0), batch)
+
+
+def test_evaluate_logs_the_eager_losses(tmp_path):
+    student, teacher = H.llama(seed=0), H.llama(seed=1)
+    data = H.examples(3)
+    tr = _trainer(tmp_path, student, teacher, divergence="symmetric_kl", lam=0.3, ce_weight=2.0,
+                  targs=dict(per_device_eval_batch_size=8))
+    metrics = tr.evaluate(data)
+    batch = H.collate(data)
+    t_logits = _teacher_logits(teacher, batch)
+    with torch.no_grad():
+        kd = _eager(student, t_logits, batch, "symmetric_kl", 0.3)
+        both = _eager(student, t_logits, batch, "symmetric_kl", 0.3, ce=2.0)
+    assert math.isclose(metrics["eval_kd_loss"], float(kd), rel_tol=1e-5)
+    assert math.isclose(metrics["eval_loss"], float(both), rel_tol=1e-5)
+    assert math.isclose(metrics["eval_loss"], metrics["eval_kd_loss"] + 2 * metrics["eval_ce_loss"], rel_tol=1e-5)
