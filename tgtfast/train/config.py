@@ -14,7 +14,7 @@ from tgtfast import validation
 __all__ = ["TGTConfig", "EXPLORATIONS", "OPTIMIZERS", "SCHEDULES", "DISTRIBUTED_BACKENDS", "DEFAULT_MAX_STEPS",
            "SHORT_RUN_STEPS", "ShortRunWarning"]
 
-EXPLORATIONS = ("none", "random", "gradient")
+EXPLORATIONS = ("none", "random", "gradient", "input")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
 DISTRIBUTED_BACKENDS = ("gloo", "nccl", "mpi")
@@ -30,9 +30,11 @@ _FIELD_DOCS = {
     "w_ce": "weight of CE(f(x), y) on the labelled examples (>= 0)",
     "w_kd": "weight of the distillation term l_d(f(x), h(x)) on the training inputs (>= 0)",
     "w_tgt": "weight of the distillation term l_d(f(x'), h(x')) on the generated samples (>= 0)",
-    "exploration": "how new samples are made: 'none' (plain distillation), 'random' (latent noise) or 'gradient' "
-                   "(latent gradient ascent on the student-teacher divergence)",
-    "sigma": "standard deviation of the latent noise (>= 0); in 'gradient' mode the noise of the starting point",
+    "exploration": "how new samples are made: 'none' (plain distillation), 'random' (latent noise), 'gradient' "
+                   "(latent gradient ascent on the student-teacher divergence) or 'input' (Gaussian noise added to "
+                   "the inputs themselves, no generator: the baseline latent exploration is compared with)",
+    "sigma": "standard deviation of the latent noise (>= 0); in 'gradient' mode the noise of the starting point, in "
+             "'input' mode the noise added to every input element",
     "samples_per_example": "new samples per training example and step (>= 1)",
     "explore_steps": "gradient-ascent steps in 'gradient' mode (>= 1)",
     "explore_step_size": "ascent step size in latent space (> 0)",
@@ -72,6 +74,12 @@ _FIELD_DOCS = {
     "num_workers": "DataLoader worker processes that load and collate the batches (0: the main process does); "
                    "tensor data is always gathered in the main process",
     "eval_every": "evaluate on the validation set every N steps (0: only at the end)",
+    "imperfect": "distillation from an imperfect teacher (tgtfast.imperfect): 'none', 'weighted' (rows weighted by "
+                 "the teacher's estimated accuracy alpha(x); needs a KDLoss) or 'slam' (SLaM's loss at the KDLoss's "
+                 "temperature); the reliability is fitted on the labelled rows of val unless given to TGTTrainer",
+    "active_pool": "propose this many times more new samples than are kept and keep samples_per_example per "
+                   "example by robust active selection (1: keep every sample; needs exploration)",
+    "reliability_bins": "bins of the teacher's reliability estimate (needs 25 labelled val rows per bin)",
     "ece_bins": "equal-width confidence bins of the expected calibration error reported by evaluation (>= 1)",
     "progress": "show a tqdm progress bar; null: when stderr is a terminal",
     "plot": "write curves.png at the end (needs matplotlib)",
@@ -89,10 +97,11 @@ _BOUNDS = {
     "labelled_per_batch": (1, True),
     "grad_accum_steps": (1, True), "epochs": (1, True), "max_steps": (1, True), "log_every": (1, True),
     "warmup_steps": (0, True), "checkpoint_every": (0, True), "eval_every": (0, True), "seed": (0, True),
-    "ece_bins": (1, True),
+    "ece_bins": (1, True), "active_pool": (1, True), "reliability_bins": (1, True),
     "num_workers": (0, True),
 }
-_CHOICES = {"exploration": EXPLORATIONS, "optimizer": OPTIMIZERS, "lr_schedule": SCHEDULES,
+_CHOICES = {"imperfect": ("none", "weighted", "slam"), "exploration": EXPLORATIONS, "optimizer": OPTIMIZERS,
+            "lr_schedule": SCHEDULES,
             "distributed_backend": DISTRIBUTED_BACKENDS}
 
 
@@ -138,6 +147,9 @@ class TGTConfig:
     num_workers: int = 0
     eval_every: int = 0
     ece_bins: int = 15
+    imperfect: str = "none"
+    active_pool: int = 1
+    reliability_bins: int = 10
     progress: Optional[bool] = None
     plot: bool = True
     distributed_backend: Optional[str] = None

@@ -44,14 +44,22 @@ def explore(z0: torch.Tensor, *, config: Any, step: int, micro: int, start: int,
             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """New samples ``x'`` and teacher logits ``h(x')`` for the latent codes ``z0`` ([n, d]) of a rank's share
     of micro-batch ``micro`` of step ``step``, whose first example sits at position ``start`` of the global
-    micro-batch (see :mod:`tgtfast.train.noise` for the streams)."""
+    micro-batch (see :mod:`tgtfast.train.noise` for the streams). With ``exploration="input"``, ``z0`` holds the
+    inputs themselves and ``x' = x + sigma * noise`` (the same streams, over the flattened inputs)."""
     c = config
     S = c.samples_per_example
     z = z0.repeat_interleave(S, dim=0) if S > 1 else z0
-    d = z.shape[1]
+    d = z[0].numel()
     pdl = perturb_decode_label_fn()
     offset = start * S * d
     T = temperature
+    if c.exploration == "input":
+        import tgtfast
+
+        with torch.no_grad():
+            flat = z.reshape(z.shape[0], d)
+            x_new = tgtfast.perturb(flat, c.sigma, noise_seed(c.seed, step, micro, 0), offset).view_as(z)
+            return x_new, labeler(x_new).float()
     if c.exploration == "random":
         with torch.no_grad():
             x_new, h = pdl(z, decoder, labeler, sigma=c.sigma, seed=noise_seed(c.seed, step, micro, 0),

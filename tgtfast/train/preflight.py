@@ -61,7 +61,7 @@ def _probe(student, labeler, encoder, decoder, exploration, x, y) -> Widths:
     bad = first_bad_label(y, s.shape[1])
     if bad >= 0:
         raise label_error(bad, int(y[bad]), s.shape[1])
-    if exploration == "none":
+    if exploration not in ("random", "gradient"):  # no latent space
         return widths
     z = encoder(x)
     if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] != x.shape[0]:

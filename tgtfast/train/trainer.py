@@ -43,7 +43,9 @@ from tgtfast.train import checkpoint as ckpt
 from tgtfast.train.config import TGTConfig
 from tgtfast.train.data import Joined, StepSampler, TensorPairs, as_dataset, default_batch_fn, load_batch
 from tgtfast.train.distributed import broadcast_object, resolve_device, setup_distributed
-from tgtfast.train.exploration import autocast, explore, loss_sum
+from tgtfast.train.evaluation import evaluate_student
+from tgtfast.train import imperfect
+from tgtfast.train.exploration import autocast, explore
 from tgtfast.train.noise import mix
 from tgtfast.train.preflight import probe, scan_training_set
 from tgtfast.train.records import TGTHistory, append_jsonl, plot_history, progress
@@ -59,8 +61,9 @@ class TGTTrainer:
     ``TGTTrainer(student, labeler, decoder, encoder)`` did, is a ``TypeError`` saying so):
         student: the model trained; maps a batch of inputs ``x`` to logits ``[N, K]``.
         labeler: the frozen teacher labeler ``h``: inputs to logits ``[N, K]``.
-        decoder: the frozen teacher decoder ``Dec: [N, d] -> inputs`` (``None`` only with ``exploration="none"``).
-        encoder: the frozen teacher encoder ``Enc: inputs -> [N, d]`` (needed for exploration).
+        decoder: the frozen teacher decoder ``Dec: [N, d] -> inputs`` (needed by ``exploration="random"`` and
+            ``"gradient"``; ``"none"`` and ``"input"`` use no generator).
+        encoder: the frozen teacher encoder ``Enc: inputs -> [N, d]`` (needed by the same two).
         loss: the distillation loss ``l_d(student_logits, teacher_logits)``: any loss of the package
             (:class:`tgtfast.KDLoss`, :class:`tgtfast.PTLoss` e.g. with coefficients from
             :func:`tgtfast.search_coefficients`, ...) or a callable returning the mean over rows. Its
@@ -70,6 +73,9 @@ class TGTTrainer:
         batch_fn: maps a collated batch to ``(inputs, labels)``; labels may be ``None`` (unlabelled) and
             label ``-100`` marks an unlabelled example. Default: batches ``(x, y)`` or ``(x,)``.
         optimizer: optional ``params -> torch.optim.Optimizer`` factory replacing ``config.optimizer``.
+        reliability: a fitted :class:`tgtfast.imperfect.TeacherReliability` for ``config.imperfect`` and
+            ``config.active_pool`` (default: fitted on the labelled rows of ``fit``'s ``val``; see
+            :mod:`tgtfast.train.imperfect`).
 
     The teacher modules are put in eval mode and their parameters stop requiring gradients. During gradient
     exploration the student runs in eval mode (no dropout, no batch-norm statistics updates).
@@ -86,6 +92,7 @@ class TGTTrainer:
         config: Optional[TGTConfig] = None,
         batch_fn: Optional[Callable[[Any], Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None,
         optimizer: Optional[Callable[[Any], torch.optim.Optimizer]] = None,
+        reliability: Any = None,
     ) -> None:
         import tgtfast
 
@@ -104,7 +111,7 @@ class TGTTrainer:
                 raise TypeError(f"{name} must be a module or callable, got {type(mod).__name__}")
         if labeler is None:
             raise TypeError("labeler is required (the teacher that labels inputs)")
-        if config.exploration != "none":
+        if config.exploration in ("random", "gradient"):
             if decoder is None:
                 raise ValueError(f"exploration={config.exploration!r} needs a decoder (or use exploration='none')")
             if encoder is None:
@@ -127,6 +134,9 @@ class TGTTrainer:
         self.batch_fn = batch_fn or default_batch_fn
         self._optimizer_factory = optimizer
         self.temperature = float(getattr(self.loss, "temperature", 1.0))
+        imperfect.check_options(config, self.loss)
+        self.reliability = reliability
+        self._term = imperfect.distill_term("none", self.loss, None, self.temperature)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
         self.history = TGTHistory()
@@ -204,21 +214,28 @@ class TGTTrainer:
         n_lab = float(counts[0])
         S = c.samples_per_example
         exploring = c.exploration != "none"
+        latent = c.exploration in ("random", "gradient")
         sums = torch.zeros(5, dtype=torch.float64, device=device)  # ce, kd, tgt, correct, examples (local sums)
         for j, (micro, idx, start, x, y) in enumerate(loaded):
             if cache_t is not None:
                 ii = torch.as_tensor(idx, dtype=torch.long, device=device)
                 t = cache_t[ii]
-                z0 = cache_z[ii] if exploring else None
+                z0 = cache_z[ii] if latent else None
             else:
                 with torch.no_grad():
                     t = self.labeler(x).float()
-                    z0 = self.encoder(x) if exploring else None
+                    z0 = self.encoder(x) if latent else None
             nx = x.shape[0]
             if exploring and c.w_tgt > 0:
-                x_new, t_new = explore(z0, config=c, step=step, micro=micro, start=start, student=self.student,
+                pool = c.active_pool
+                x_new, t_new = explore(z0 if latent else x, config=c if pool == 1 else self._explore_config,
+                                       step=step, micro=micro, start=start, student=self.student,
                                        decoder=self.decoder, labeler=self.labeler, loss=self.loss,
                                        temperature=self.temperature)
+                if pool > 1:
+                    x_new, t_new = imperfect.select_active(x_new, t_new, nx * S, student=self.student,
+                                                           reliability=self.reliability, seed=c.seed, step=step,
+                                                           micro=micro)
                 inputs = torch.cat([x, x_new.to(x.dtype)])
             else:
                 inputs, t_new = x, None
@@ -233,8 +250,8 @@ class TGTTrainer:
                     ce = TF.cross_entropy(s, y, ignore_index=-100, reduction="sum")
                 else:
                     ce = s.sum() * 0.0
-                kd = loss_sum(self.loss, s, t) if c.w_kd > 0 else s.sum() * 0.0
-                tgt = loss_sum(self.loss, s_new, t_new) if t_new is not None else s.sum() * 0.0
+                kd = self._term(s, t) if c.w_kd > 0 else s.sum() * 0.0
+                tgt = self._term(s_new, t_new) if t_new is not None else s.sum() * 0.0
                 total = c.w_ce * ce / max(n_lab, 1.0) + c.w_kd * kd / n_all + c.w_tgt * tgt / (n_all * S)
                 # DDP averages the ranks' gradients; the global normalisers already account for every rank.
                 (total * self.world_size).backward()
@@ -262,39 +279,12 @@ class TGTTrainer:
 
     # ----------------------------------------------------------------------------------------------- evaluation
 
-    @torch.no_grad()
     def evaluate(self, data: Any) -> Dict[str, float]:
         """Metrics of the student on ``data``: on its labelled examples accuracy ``val_acc``, negative
         log-likelihood ``val_nll`` (natural log, at temperature 1; ``val_ce`` is the same number under its older
         name) and expected calibration error ``val_ece`` (``config.ece_bins`` equal-width confidence bins, see
         :mod:`tgtfast.metrics`); on all of them the distillation loss to the labeler, ``val_kd``."""
-        from tgtfast.metrics import ClassificationMeter
-
-        dataset, collate = as_dataset(data, "val")
-        n = len(dataset)
-        if n == 0:
-            raise ValueError("val is empty")
-        device = next(self.student.parameters()).device
-        was = self.student.training
-        self.student.eval()
-        meter = ClassificationMeter(self.config.ece_bins)
-        kd = 0.0
-        try:
-            bs = max(self.config.batch_size, 256)
-            for i in range(0, n, bs):
-                x, y = self._load_batch(dataset, collate, list(range(i, min(i + bs, n))), device)
-                with autocast(self.config.bf16, device):
-                    s = self.student(x)
-                s = s.float()
-                kd += float(loss_sum(self.loss, s, self.labeler(x).float()))
-                if y is not None:
-                    keep = y != -100
-                    meter.update(y[keep], logits=s[keep])
-        finally:
-            self.student.train(was)
-        m = meter.compute()
-        return {"val_acc": m["accuracy"], "val_nll": m["nll"], "val_ece": m["ece"], "val_ce": m["nll"],
-                "val_kd": kd / n}
+        return evaluate_student(self.student, self.labeler, self.loss, self.config, self.batch_fn, data)
 
     # ----------------------------------------------------------------------------------------------- checkpoints
 
@@ -417,9 +407,13 @@ class TGTTrainer:
         # (before anything is written).
         cache_z, cache_t, labelled = scan_training_set(
             dataset, collate, self.batch_fn, device, labeler=self.labeler, encoder=self.encoder, widths=widths,
-            explore=c.exploration != "none", cache=c.cache_teacher, check_labels=y0 is not None,
+            explore=c.exploration in ("random", "gradient"), cache=c.cache_teacher, check_labels=y0 is not None,
             batch_size=c.batch_size, rank=self.rank, world_size=self.world_size, show_progress=progress_on)
         plan = make_plan(c, n, labelled, isinstance(dataset, Joined), self.rank, self.world_size)
+        self.reliability = imperfect.resolve(c, self.reliability, self.labeler, val, self.batch_fn, device,
+                                             self.temperature)
+        self._term = imperfect.distill_term(c.imperfect, self.loss, self.reliability, self.temperature)
+        self._explore_config = c.replace(samples_per_example=c.samples_per_example * c.active_pool)
         if self.rank == 0:
             plan.warn_if_short()
         total = plan.total
