@@ -110,3 +110,43 @@ def test_distill_refuses_bad_configs(setup, capsys, change, message):
     assert distill.main(["--config", _write(tmp_path, cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("tgtfast distill: error:") and re.search(message, err), err
+
+
+def test_distill_from_a_teacher_cache(setup, capsys):
+    """`tgtfast cache-teacher` over data.train, then `tgtfast distill` with teacher_cache instead of a teacher:
+    the same weights as DistillationTrainer on the cached dataset and collator."""
+    from transformers import AutoModelForCausalLM
+
+    from tgtfast.cache import CachedTeacherDataset, TeacherCache, TeacherCollator
+    from tgtfast.cli import cache_teacher
+    from tgtfast.integrations.transformers import DistillationTrainer
+
+    tmp_path, cfg, lines = setup
+    _tokenizer().save_pretrained(tmp_path / "teacher")
+    assert cache_teacher.main(["--model", str(tmp_path / "teacher"), "--data", str(tmp_path / "train.jsonl"),
+                               "--k", "8", "--out", str(tmp_path / "cache"), "--max-length", "16",
+                               "--dtype", "float32", "--device", "cpu", "--no-progress"]) == 0
+    cfg.pop("teacher")
+    cfg["data"].pop("eval")
+    cfg["teacher_cache"] = "cache"
+    assert distill.main(["--config", _write(tmp_path, cfg)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["kd_loss"] > 0
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True).state_dict()
+
+    tok = _tokenizer()
+    enc = tok(lines, truncation=True, max_length=16)
+    cache = TeacherCache(str(tmp_path / "cache"))
+    data = CachedTeacherDataset([{"input_ids": i, "attention_mask": m}
+                                 for i, m in zip(enc["input_ids"], enc["attention_mask"])], cache)
+    student = H.llama(seed=0)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    DistillationTrainer(student, H.args(tmp_path / "direct", **TRAINING), TeacherCollator(cache, pad_token_id=0),
+                        data, teacher_model=None, **LOSS).train()
+    assert any(not torch.equal(trained[k], before[k]) for k in before)
+    for k, v in student.state_dict().items():
+        torch.testing.assert_close(trained[k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+    cfg["teacher"] = "teacher"  # both: refused
+    assert distill.main(["--config", _write(tmp_path, cfg)]) == 2
+    assert "exactly one of 'teacher'" in capsys.readouterr().err

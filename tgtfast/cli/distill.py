@@ -6,6 +6,7 @@
     # tgtfast distill --config run.yaml
     student: models/student        # a save_pretrained folder, or {config: {model_type: llama, ...}} (random init)
     teacher: models/teacher        # a save_pretrained folder (or a config, for trials)
+    # teacher_cache: teacher-cache # or, instead of `teacher`: a `tgtfast cache-teacher` folder of the same data.train
     tokenizer: models/student      # the student's tokenizer folder (default: the student's folder)
     teacher_tokenizer: models/teacher  # optional: checked against the student's vocabulary
     dtype: bfloat16                # optional: float32 (default), bfloat16 or float16, for both models
@@ -51,7 +52,9 @@ __all__ = ["main", "CONFIG_KEYS", "DATA_KEYS", "LOSS_KEYS", "load_config", "help
 CONFIG_KEYS = {
     "student": "the student: a save_pretrained folder, or {config: {model_type: ..., ...}} to build with random "
                "weights (required)",
-    "teacher": "the teacher: a save_pretrained folder or {config: {...}} (required)",
+    "teacher": "the teacher: a save_pretrained folder or {config: {...}} (this or teacher_cache is required)",
+    "teacher_cache": "instead of a live teacher: a `tgtfast cache-teacher` folder made from data.train with the "
+                     "same tokenizer and max_length (each example's tokens are checked against it)",
     "tokenizer": "the student's tokenizer folder (default: the student's folder)",
     "teacher_tokenizer": "the teacher's tokenizer folder (optional; a different vocabulary is refused)",
     "dtype": "float32 (default), bfloat16 or float16: the dtype both models are loaded in",
@@ -114,9 +117,12 @@ def load_config(path: str) -> Dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     cfg = _mapping(cfg, path, CONFIG_KEYS)
-    for key in ("student", "teacher", "data"):
+    for key in ("student", "data"):
         if key not in cfg:
             raise ConfigError(f"{path} needs a '{key}' entry ({CONFIG_KEYS[key]})")
+    if ("teacher" in cfg) == ("teacher_cache" in cfg):
+        raise ConfigError(f"{path} needs exactly one of 'teacher' (a live teacher) and 'teacher_cache' (its cached "
+                          "top-k outputs)")
     _mapping(cfg["data"], "data", DATA_KEYS)
     if "train" not in cfg["data"]:
         raise ConfigError("data needs a 'train' file")
@@ -202,10 +208,29 @@ def _texts(path: str, key: str, field: str) -> List[str]:
     return texts
 
 
-def _dataset(path: str, key: str, tok: Any, field: str, max_length: int) -> List[Dict[str, List[int]]]:
+def _dataset(path: str, key: str, tok: Any, field: str, max_length: int, keep_all: bool = False
+             ) -> List[Dict[str, List[int]]]:
+    """The tokenised examples; those shorter than 2 tokens (nothing to predict) are dropped unless `keep_all` (a
+    teacher cache numbers the examples of the file)."""
     enc = tok(_texts(path, key, field), truncation=True, max_length=max_length)
     return [{"input_ids": ids, "attention_mask": mask} for ids, mask in zip(enc["input_ids"], enc["attention_mask"])
-            if len(ids) >= 2]
+            if keep_all or len(ids) >= 2]
+
+
+def _cached(path: str, train: List[Dict[str, List[int]]], tok: Any):
+    """The training set joined to its cached teacher outputs, and the collator of such batches."""
+    import torch
+
+    from tgtfast.cache import CacheError, CachedTeacherDataset, TeacherCache, TeacherCollator
+
+    try:
+        cache = TeacherCache(path)
+        data = CachedTeacherDataset(train, cache)
+    except (CacheError, ValueError) as exc:
+        raise ConfigError(f"teacher_cache: {exc}") from None
+    keep = [i for i, ex in enumerate(train) if len(ex["input_ids"]) >= 2]
+    collator = TeacherCollator(cache, pad_token_id=tok.pad_token_id, shift_labels=False)
+    return torch.utils.data.Subset(data, keep), collator
 
 
 def _run(args: argparse.Namespace) -> Dict[str, Any]:
@@ -244,13 +269,20 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
     teacher_tok = None
     if cfg.get("teacher_tokenizer") is not None:
         teacher_tok = _tokenizer(_path(cfg["teacher_tokenizer"], "teacher_tokenizer", base_dir), "teacher_tokenizer")
-    train = _dataset(_path(data["train"], "data.train", base_dir), "data.train", tok, field, max_length)
+    cache_dir = None if cfg.get("teacher_cache") is None else _path(cfg["teacher_cache"], "teacher_cache", base_dir)
+    train = _dataset(_path(data["train"], "data.train", base_dir), "data.train", tok, field, max_length,
+                     keep_all=cache_dir is not None)
     evals = None
     if data.get("eval") is not None:
         evals = _dataset(_path(data["eval"], "data.eval", base_dir), "data.eval", tok, field, max_length)
 
+    collator = DataCollatorForLanguageModeling(tok, mlm=False)
+    if cache_dir is not None:
+        train, collator = _cached(cache_dir, train, tok)
+        if evals is not None:
+            raise ConfigError("data.eval needs a live teacher (the cache holds the training set's outputs only)")
     student = _model(student_spec, "student", base_dir, dtype)
-    teacher = _model(cfg["teacher"], "teacher", base_dir, dtype)
+    teacher = None if cache_dir is not None else _model(cfg["teacher"], "teacher", base_dir, dtype)
     if cfg.get("lora") is not None:
         try:
             import peft
@@ -262,7 +294,7 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
             raise ConfigError(f"lora: {exc}") from None
     loss = dict(cfg.get("loss") or {})
     trainer = DistillationTrainer(
-        student, targs, DataCollatorForLanguageModeling(tok, mlm=False), train, evals, tok, teacher_model=teacher,
+        student, targs, collator, train, evals, tok, teacher_model=teacher,
         teacher_tokenizer=teacher_tok, **loss)
     result = trainer.train(resume_from_checkpoint=args.resume or None)
     trainer.save_model()
