@@ -10,8 +10,8 @@ import torch
 
 from tgtfast import demo
 
-ROWS = [("onehot", "-"), ("kd", "kl"), ("kd", "ptloss"), ("tgt-random", "kl"), ("tgt-random", "ptloss"),
-        ("tgt-gradient", "kl"), ("tgt-gradient", "ptloss")]
+ROWS = [("onehot", "-")] + [(m, lo) for m in ("kd", "real-unlabelled", "input-noise", "tgt-random", "tgt-gradient")
+                            for lo in ("kl", "ptloss")]
 
 
 def _cli(*args, timeout=240):
@@ -43,17 +43,28 @@ def test_quick_cli_prints_table_and_writes_json_and_png(quick_run):
     proc, out, result = quick_run
     lines = proc.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("method"))
-    assert "n=20" in lines[header] and "teacher" in lines[header]
+    assert lines[header - 1] == "n = 20 labelled examples"
+    assert lines[header].split() == ["method", "loss", "accuracy", "%", "Δ", "kd", "(points)", "ECE", "%", "NLL"]
     body = lines[header + 2: header + 2 + len(ROWS)]
     assert [tuple(line.split()[:2]) for line in body] == ROWS
-    teacher = result["teacher"]["labeler_test_accuracy"]
+    run = {(r["method"], r["loss"]): r for r in result["runs"]}
     for line, (method, loss) in zip(body, ROWS):
         cells = line.split()
-        # mean ± std, then the teacher
-        s = next(x for x in result["summary"] if (x["method"], x["loss"], x["budget"]) == (method, loss, 20))
-        assert float(cells[2]) == pytest.approx(100 * s["test_mean"], abs=0.051)
-        assert cells[3] == "±" and float(cells[4]) == 0.0  # one seed
-        assert float(cells[5]) == pytest.approx(100 * teacher, abs=0.051)
+        r = run[(method, loss)]
+        # accuracy, then the difference to kd with the same loss (from the runs themselves), ECE, NLL; one seed
+        assert float(cells[2]) == pytest.approx(100 * r["test_accuracy"], abs=0.051) and cells[3:5] == ["±", "0.0"]
+        if method == "kd":
+            assert cells[5] == "-"
+            rest = cells[6:]
+        else:
+            base = run[("kd", "kl" if loss == "-" else loss)]["test_accuracy"]
+            assert float(cells[5]) == pytest.approx(100 * (r["test_accuracy"] - base), abs=0.051)
+            rest = cells[8:]
+        assert float(rest[0]) == pytest.approx(100 * r["test_ece"], abs=0.051)
+        assert float(rest[3]) == pytest.approx(r["test_nll"], abs=0.00051)
+    teacher = result["teacher"]
+    assert f"accuracy {100 * teacher['labeler_test_accuracy']:.1f} %, ECE {100 * teacher['labeler_test_ece']:.1f} %" \
+        in proc.stdout
     assert result["table"] in proc.stdout
     with open(out / "results.png", "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -62,6 +73,7 @@ def test_quick_cli_prints_table_and_writes_json_and_png(quick_run):
     assert len(result["runs"]) == len(ROWS)
     for r in result["runs"]:
         assert 0.0 <= r["test_accuracy"] <= 1.0 and 0.0 <= r["val_accuracy"] <= 1.0
+        assert 0.0 <= r["test_ece"] <= 1.0 and r["test_nll"] > 0
     assert result["teacher"]["from_cache"] is False
     coeffs = torch.tensor(result["proxy_teacher"]["coeffs"])
     assert coeffs.shape == (5, 10) and result["proxy_teacher"]["deviation"] <= result["proxy_teacher"]["kl_deviation"]
@@ -75,8 +87,8 @@ def test_quick_run_learns(quick_run):
     acc = {(r["method"], r["loss"]): r["test_accuracy"] for r in result["runs"]}
     assert acc[("onehot", "-")] > 0.4  # better than chance (0.1) even from 20 labels
     for loss in ("kl", "ptloss"):
-        assert acc[("tgt-random", loss)] > acc[("onehot", "-")] + 0.08
-        assert acc[("tgt-gradient", loss)] > acc[("onehot", "-")] + 0.08
+        for method in ("tgt-random", "tgt-gradient", "real-unlabelled", "input-noise"):
+            assert acc[(method, loss)] > acc[("onehot", "-")] + 0.08, method
 
 
 def test_second_run_reuses_cached_teacher_in_parallel_workers(quick_run, cache_dir, tmp_path):
@@ -235,12 +247,21 @@ def test_format_table():
             for (m, lo, b, s, a) in [("onehot", "-", 20, 0, 0.5), ("onehot", "-", 20, 1, 0.7),
                                      ("kd", "kl", 20, 0, 0.8), ("kd", "kl", 20, 1, 0.8),
                                      ("onehot", "-", 50, 0, 0.9), ("onehot", "-", 50, 1, 0.9)]]
+    for r in runs:
+        r.update(test_ece=r["test_accuracy"] / 10, test_nll=1 - r["test_accuracy"])
     summary = demo.summarise(runs, cfg)
     table = demo.format_table(summary, cfg, {"labeler_test_accuracy": 0.975}, 450, 1077).splitlines()
     assert "mean ± std over 2 seeds" in table[0] and "97.5" in table[1]
-    body = {tuple(line.split()[:2]): line.split()[2:] for line in table[5:]}
-    assert body[("onehot", "-")] == ["60.0", "±", "14.1", "90.0", "±", "0.0", "97.5"]
-    assert body[("kd", "kl")] == ["80.0", "±", "0.0", "-", "97.5"]  # no run at n=50
+    blocks = [i for i, line in enumerate(table) if line.startswith("n = ")]
+    assert [table[i] for i in blocks] == ["n = 20 labelled examples", "n = 50 labelled examples"]
+    n20 = {tuple(line.split()[:2]): line.split()[2:] for line in table[blocks[0] + 3:blocks[1] - 1]}
+    # onehot: 60 ± 14.1; paired differences to kd (0.8 both seeds) -0.3 and -0.1: -20 ± 14.1; ECE 6 ± 1.4
+    assert n20[("onehot", "-")] == ["60.0", "±", "14.1", "-20.0", "±", "14.1", "6.0", "±", "1.4", "0.400", "±",
+                                    "0.141"]
+    assert n20[("kd", "kl")] == ["80.0", "±", "0.0", "-", "8.0", "±", "0.0", "0.200", "±", "0.000"]
+    n50 = {tuple(line.split()[:2]): line.split()[2:] for line in table[blocks[1] + 3:]}
+    assert n50[("onehot", "-")][3] == "-"  # no kd run at n=50: no paired difference
+    assert n50[("kd", "kl")] == ["-", "-", "-", "-"]
 
 
 def test_train_student_rejects_unknown_method_and_loss():
@@ -253,5 +274,9 @@ def test_train_student_rejects_unknown_method_and_loss():
         demo.train_student("kd", "mse", x, y, teacher, cfg, seed=0)
     with pytest.raises(ValueError, match="needs coeffs"):
         demo.train_student("kd", "ptloss", x, y, teacher, cfg, seed=0)
+    with pytest.raises(ValueError, match="needs pool"):
+        demo.train_student("real-unlabelled", "kl", x, y, teacher, cfg, seed=0)
     student = demo.train_student("tgt-random", "kl", x, y, teacher, cfg, seed=0)
+    assert student(x).shape == (10, 10)
+    student = demo.train_student("real-unlabelled", "kl", x, y, teacher, cfg, seed=0, pool=torch.rand(30, 64))
     assert student(x).shape == (10, 10)

@@ -15,12 +15,17 @@ What it does (no download: the 8x8 digits ship with scikit-learn):
 
    * ``onehot``: cross-entropy on the ``n`` labels only;
    * ``kd``: cross-entropy plus distillation from the labeler on the same ``n`` inputs;
+   * ``real-unlabelled`` (control): ``kd`` plus distillation on real teacher-train images without their labels,
+     the data TGT is meant to replace;
+   * ``input-noise`` (control): ``kd`` plus distillation on the labelled images with Gaussian pixel noise;
    * ``tgt-random``: ``kd`` plus distillation on new inputs ``Dec(Enc(x) + sigma * noise)``;
    * ``tgt-gradient``: ``kd`` plus distillation on inputs found by gradient ascent of the student-teacher
      divergence in the VAE's latent space;
 
-   the distillation loss being KL or PTLoss, over several seeds, through :class:`tgtfast.TGTTrainer`.
-5. Prints a table of test accuracy (mean and standard deviation over seeds, teacher accuracy beside it) and writes
+   the distillation loss being KL or PTLoss, over several seeds, through :class:`tgtfast.TGTTrainer`. The four
+   methods that label extra inputs spend the same number of teacher labels per step.
+5. Prints, per label budget, test accuracy, its paired difference to ``kd`` (same seed, same labelled subset, same
+   initial student), ECE and NLL (mean and standard deviation over seeds; the teacher's beside them) and writes
    ``results.json`` and ``results.png`` to ``--out``.
 
 Every hyper-parameter is fixed in :class:`DemoConfig` before any student is trained (the values were checked on

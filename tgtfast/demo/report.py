@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from tgtfast.demo.config import NUM_CLASSES, NUM_PIXELS, DemoConfig
+from tgtfast.demo.config import BASELINE, NUM_CLASSES, NUM_PIXELS, DemoConfig
 from tgtfast.demo.students import rows
 
 
@@ -19,75 +19,118 @@ def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
     return mean, std
 
 
+def baseline_of(method: str, loss: str, cfg: DemoConfig) -> Optional[Tuple[str, str]]:
+    """The row a row is compared with: ``kd`` with the same distillation loss (``kd``/``kl`` for ``onehot``);
+    None for the ``kd`` rows themselves or when that row is not run."""
+    if method == BASELINE:
+        return None
+    base = (BASELINE, "kl" if loss == "-" else loss)
+    return base if base in rows(cfg) else None
+
+
 def summarise(runs: Sequence[Dict[str, Any]], cfg: DemoConfig) -> List[Dict[str, Any]]:
+    """Per (method, loss, budget): test accuracy, ECE and NLL (mean and std over seeds), validation accuracy, and
+    the paired difference of test accuracy to the baseline row (:func:`baseline_of`) over the seeds both ran
+    (same labelled subset and same initial student per seed)."""
+    by_key = {(r["method"], r["loss"], r["budget"], r["seed"]): r for r in runs}
     out = []
     for method, loss in rows(cfg):
         for b in cfg.budgets:
-            accs = [r["test_accuracy"] for r in runs if (r["method"], r["loss"], r["budget"]) == (method, loss, b)]
-            vals = [r["val_accuracy"] for r in runs if (r["method"], r["loss"], r["budget"]) == (method, loss, b)]
-            if not accs:
+            mine = [r for r in runs if (r["method"], r["loss"], r["budget"]) == (method, loss, b)]
+            if not mine:
                 continue
-            mean, std = _mean_std(accs)
-            vmean, _ = _mean_std(vals)
-            out.append({"method": method, "loss": loss, "budget": b, "test_mean": mean, "test_std": std,
-                        "val_mean": vmean, "seeds": len(accs)})
+            row: Dict[str, Any] = {"method": method, "loss": loss, "budget": b, "seeds": len(mine)}
+            for key, name in (("test_accuracy", "test"), ("test_ece", "ece"), ("test_nll", "nll"),
+                              ("val_accuracy", "val")):
+                vals = [r[key] for r in mine if key in r]
+                if vals:
+                    row[f"{name}_mean"], row[f"{name}_std"] = _mean_std(vals)
+            base = baseline_of(method, loss, cfg)
+            if base is not None:
+                diffs = [r["test_accuracy"] - by_key[base + (b, r["seed"])]["test_accuracy"] for r in mine
+                         if base + (b, r["seed"]) in by_key]
+                if diffs:
+                    row["baseline"] = list(base)
+                    row["delta_mean"], row["delta_std"] = _mean_std(diffs)
+                    row["delta_seeds"] = len(diffs)
+            out.append(row)
     return out
+
+
+def _cell(s: Optional[Dict[str, Any]], name: str, scale: float, fmt: str, std_fmt: str) -> str:
+    if s is None or f"{name}_mean" not in s:
+        return "-"
+    return f"{scale * s[f'{name}_mean']:{fmt}} ± {scale * s[f'{name}_std']:{std_fmt}}"
 
 
 def format_table(summary: Sequence[Dict[str, Any]], cfg: DemoConfig, teacher_metrics: Dict[str, float],
                  test_size: int, train_size: int) -> str:
-    """The printed table: rows method x loss, columns label budgets, test accuracy in percent (mean ± std)."""
+    """The printed table: one block per label budget, rows method x loss; test accuracy (%), its paired difference
+    to KD with the same loss (percentage points), ECE (%) and NLL, each mean ± std over the seeds."""
+    seeds = f"{len(cfg.seeds)} seed{'s' if len(cfg.seeds) != 1 else ''}"
     lines = [
-        f"Test accuracy (%) of {NUM_PIXELS}-{cfg.student_hidden}-{NUM_CLASSES} students on {test_size} test images, "
-        f"mean ± std over {len(cfg.seeds)} seed{'s' if len(cfg.seeds) != 1 else ''}",
+        f"{NUM_PIXELS}-{cfg.student_hidden}-{NUM_CLASSES} students on {test_size} test images, mean ± std over "
+        f"{seeds}; Δ kd: paired difference of accuracy to kd with the same loss (onehot: to kd with KL), in "
+        f"points; ECE: {cfg.ece_bins} equal-width bins",
         f"Teacher labeler {NUM_PIXELS}-{'-'.join(map(str, cfg.labeler_hidden))}-{NUM_CLASSES} trained on "
-        f"{train_size} labels: {100 * teacher_metrics['labeler_test_accuracy']:.1f}",
-        "",
+        f"{train_size} labels: accuracy {100 * teacher_metrics['labeler_test_accuracy']:.1f} %"
+        + (f", ECE {100 * teacher_metrics['labeler_test_ece']:.1f} %, NLL {teacher_metrics['labeler_test_nll']:.3f}"
+           if "labeler_test_ece" in teacher_metrics else ""),
     ]
-    header = f"{'method':<14}{'loss':<8}" + "".join(f"{f'n={b}':>14}" for b in cfg.budgets) + f"{'teacher':>10}"
-    lines += [header, "-" * len(header)]
+    header = f"{'method':<16}{'loss':<8}{'accuracy %':>13}{'Δ kd (points)':>16}{'ECE %':>13}{'NLL':>15}"
     by_key = {(s["method"], s["loss"], s["budget"]): s for s in summary}
-    for method, loss in rows(cfg):
-        cells = []
-        for b in cfg.budgets:
+    for b in cfg.budgets:
+        lines += ["", f"n = {b} labelled examples", header, "-" * len(header)]
+        for method, loss in rows(cfg):
             s = by_key.get((method, loss, b))
-            cells.append(f"{100 * s['test_mean']:6.1f} ± {100 * s['test_std']:4.1f}" if s else f"{'-':>13}")
-        lines.append(f"{method:<14}{loss:<8}" + "".join(f"{c:>14}" for c in cells)
-                     + f"{100 * teacher_metrics['labeler_test_accuracy']:>10.1f}")
+            lines.append(f"{method:<16}{loss:<8}{_cell(s, 'test', 100, '5.1f', '4.1f'):>13}"
+                         f"{_cell(s, 'delta', 100, '+5.1f', '4.1f'):>16}{_cell(s, 'ece', 100, '5.1f', '4.1f'):>13}"
+                         f"{_cell(s, 'nll', 1, '6.3f', '5.3f'):>15}")
     return "\n".join(lines)
 
 
-def plot_results(summary: Sequence[Dict[str, Any]], cfg: DemoConfig, teacher_acc: float, path: str) -> None:
-    """Test accuracy against the label budget, one line per method and loss, teacher as a dashed line."""
+_COLORS = {"onehot": "tab:gray", "kd": "tab:blue", "real-unlabelled": "tab:purple", "input-noise": "tab:brown",
+           "tgt-random": "tab:orange", "tgt-gradient": "tab:green"}
+
+
+def plot_results(summary: Sequence[Dict[str, Any]], cfg: DemoConfig, teacher_acc: float, path: str,
+                 teacher_ece: Optional[float] = None) -> None:
+    """Three panels against the label budget: test accuracy, its paired difference to KD, and ECE; one line per
+    method and loss (mean ± std over seeds), the teacher dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    colors = {"onehot": "tab:gray", "kd": "tab:blue", "tgt-random": "tab:orange", "tgt-gradient": "tab:green"}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, loss in rows(cfg):
-        pts = sorted((s["budget"], s["test_mean"], s["test_std"]) for s in summary
-                     if s["method"] == method and s["loss"] == loss)
-        if not pts:
-            continue
-        b, m, e = zip(*pts)
-        ax.errorbar(b, [100 * v for v in m], yerr=[100 * v for v in e], color=colors[method], capsize=3,
-                    linestyle="--" if loss == "ptloss" else "-", marker="o" if loss != "ptloss" else "s",
-                    label=method if loss == "-" else f"{method} ({loss})")
-    ax.axhline(100 * teacher_acc, color="black", linestyle=":", label="teacher")
-    ax.set_xscale("log")
-    ax.set_xticks(list(cfg.budgets))
-    ax.set_xticklabels([str(b) for b in cfg.budgets])
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.set_xlabel("labelled examples seen by the student")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Digits: students with few labels ({len(cfg.seeds)} seeds, mean ± std)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    panels = (("test", "test accuracy (%)", teacher_acc), ("delta", "accuracy - kd, same seed (points)", None),
+              ("ece", "ECE (%)", teacher_ece))
+    for ax, (name, label, teacher) in zip(axes, panels):
+        for method, loss in rows(cfg):
+            pts = sorted((s["budget"], s[f"{name}_mean"], s[f"{name}_std"]) for s in summary
+                         if s["method"] == method and s["loss"] == loss and f"{name}_mean" in s)
+            if not pts:
+                continue
+            b, m, e = zip(*pts)
+            ax.errorbar(b, [100 * v for v in m], yerr=[100 * v for v in e], color=_COLORS.get(method, "black"),
+                        capsize=3, linestyle="--" if loss == "ptloss" else "-", marker="s" if loss == "ptloss" else "o",
+                        label=method if loss == "-" else f"{method} ({loss})")
+        if teacher is not None:
+            ax.axhline(100 * teacher, color="black", linestyle=":", label="teacher")
+        if name == "delta":
+            ax.axhline(0.0, color="tab:blue", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xticks(list(cfg.budgets))
+        ax.set_xticklabels([str(b) for b in cfg.budgets])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel("labelled examples seen by the student")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Digits: students with few labels ({len(cfg.seeds)} seeds, mean ± std)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from tgtfast.demo.config import DemoConfig
 from tgtfast.demo.data import DigitsSplits, few_label_subset, load_digits_splits
-from tgtfast.demo.models import accuracy
+from tgtfast.metrics import classification_metrics
 from tgtfast.demo.report import _atomic_write_text, format_table, plot_results, summarise
 from tgtfast.demo.students import _jobs, rows, train_student
 from tgtfast.demo.teacher import Teacher, _build_teacher, load_or_train_teacher
@@ -40,13 +40,16 @@ def _run_job(job: Tuple[str, str, int, int]) -> Dict[str, Any]:
     idx = few_label_subset(splits.y_train, budget, seed)
     # the same labelled subset and the same initial student for every method at a given (budget, seed)
     student = train_student(method, loss, splits.x_train[idx], splits.y_train[idx], _WORKER["teacher"], cfg,
-                            seed=1000 * seed + budget, coeffs=_WORKER["coeffs"] if loss == "ptloss" else None)
-    return {
-        "method": method, "loss": loss, "budget": budget, "seed": seed,
-        "val_accuracy": accuracy(student, splits.x_val, splits.y_val),
-        "test_accuracy": accuracy(student, splits.x_test, splits.y_test),
-        "seconds": time.perf_counter() - t0,
-    }
+                            seed=1000 * seed + budget, coeffs=_WORKER["coeffs"] if loss == "ptloss" else None,
+                            pool=splits.x_train)
+    out: Dict[str, Any] = {"method": method, "loss": loss, "budget": budget, "seed": seed}
+    with torch.no_grad():
+        for split in ("val", "test"):
+            m = classification_metrics(student(getattr(splits, f"x_{split}")), getattr(splits, f"y_{split}"),
+                                       num_bins=cfg.ece_bins)
+            out.update({f"{split}_accuracy": m["accuracy"], f"{split}_ece": m["ece"], f"{split}_nll": m["nll"]})
+    out["seconds"] = time.perf_counter() - t0
+    return out
 
 
 def run_demo(cfg: DemoConfig, out_dir: str = "tgtfast-demo", *, cache_dir: Optional[str] = None,
@@ -90,11 +93,13 @@ def _run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], use_cache
     proxy: Dict[str, Any] = {}
     if "ptloss" in cfg.losses and any(m != "onehot" for m in cfg.methods):
         with torch.no_grad():
-            p_val = torch.softmax(teacher.labeler(splits.x_val) / cfg.temperature, -1)
-        res = tgtfast.search_coefficients(p_val, splits.y_val, order=cfg.pt_order, num_candidates=cfg.pt_candidates,
-                                          seed=cfg.pt_seed, temperature=cfg.temperature)
+            t_val = teacher.labeler(splits.x_val)
+        res = tgtfast.search_coefficients(labels=splits.y_val, teacher_logits=t_val, order=cfg.pt_order,
+                                          num_candidates=cfg.pt_candidates, seed=cfg.pt_seed,
+                                          temperature=cfg.temperature)
         coeffs = res.coeffs.detach().float().cpu()
-        proxy = {"coeffs": coeffs.tolist(), "deviation": float(res.deviation), "kl_deviation": float(res.kl_deviation)}
+        proxy = {"coeffs": coeffs.tolist(), "deviation": float(res.deviation), "kl_deviation": float(res.kl_deviation),
+                 "global_check": res.global_check}
         log(f"PTLoss coefficients from the Proxy Teacher on the validation split: deviation {res.deviation:.3g} "
             f"(plain KL {res.kl_deviation:.3g})")
 
@@ -152,7 +157,8 @@ def _run_demo(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], use_cache
     }
     json_path = os.path.join(out_dir, "results.json")
     png_path = os.path.join(out_dir, "results.png")
-    plot_results(summary, cfg, teacher.metrics["labeler_test_accuracy"], png_path)
+    plot_results(summary, cfg, teacher.metrics["labeler_test_accuracy"], png_path,
+                 teacher_ece=teacher.metrics.get("labeler_test_ece"))
     result["seconds"]["total"] = time.perf_counter() - t_start
     _atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
     result["files"] = {"json": json_path, "png": png_path}

@@ -22,10 +22,25 @@ def _distill_loss(name: str, coeffs: Optional[torch.Tensor], temperature: float)
     return tgtfast.PTLoss(coeffs, temperature=temperature)
 
 
+def samples_per_example(cfg: DemoConfig, n: int) -> int:
+    """New inputs per labelled example and step for the methods that label extra inputs: about
+    ``cfg.new_samples_per_step`` per step whatever the budget ``n``, so each spends the same number of teacher
+    labels."""
+    return max(1, math.ceil(cfg.new_samples_per_step / n))
+
+
 def train_student(method: str, loss: str, x: torch.Tensor, y: torch.Tensor, teacher: Teacher, cfg: DemoConfig,
-                  seed: int, coeffs: Optional[torch.Tensor] = None) -> nn.Sequential:
+                  seed: int, coeffs: Optional[torch.Tensor] = None, pool: Optional[torch.Tensor] = None
+                  ) -> nn.Sequential:
     """One student ``64-hidden-10`` trained on the labelled ``(x, y)`` by ``method`` with distillation loss
-    ``loss`` (``"kl"`` or ``"ptloss"`` with ``coeffs``), through :class:`tgtfast.TGTTrainer`."""
+    ``loss`` (``"kl"`` or ``"ptloss"`` with ``coeffs``), through :class:`tgtfast.TGTTrainer`.
+
+    Every method but ``onehot`` adds ``l_d(f(x), h(x))`` on the labelled inputs; those that label extra inputs
+    label ``S = samples_per_example(cfg, n)`` per labelled example and step (the same teacher-label budget):
+    ``tgt-random`` / ``tgt-gradient`` decode them from the VAE's latent space, ``input-noise`` adds Gaussian noise
+    of ``cfg.input_sigma`` to the pixels, and ``real-unlabelled`` draws ``S * n`` real images per step from
+    ``pool`` (the teacher-train images, without labels): every batch holds the ``n`` labelled examples and
+    ``S * n`` pool images, distilled with weight ``w_kd + w_tgt`` (the total distillation weight of TGT)."""
     import tgtfast
 
     if method not in METHODS:
@@ -34,24 +49,30 @@ def train_student(method: str, loss: str, x: torch.Tensor, y: torch.Tensor, teac
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if loss == "ptloss" and coeffs is None:
         raise ValueError("loss='ptloss' needs coeffs (e.g. from tgtfast.search_coefficients)")
+    if method == "real-unlabelled" and pool is None:
+        raise ValueError("method='real-unlabelled' needs pool, the unlabelled images")
     torch.manual_seed(seed)
     student = mlp([NUM_PIXELS, cfg.student_hidden, NUM_CLASSES])
+    n, S = len(y), samples_per_example(cfg, len(y))
+    extra = dict(exploration="none", batch_size=n)
     if method == "onehot":
         weights = dict(w_ce=cfg.w_ce, w_kd=0.0, w_tgt=0.0)
-        exploration = "none"
+    elif method == "real-unlabelled":
+        weights = dict(w_ce=cfg.w_ce, w_kd=cfg.w_kd + cfg.w_tgt, w_tgt=0.0)
+        extra = dict(exploration="none", batch_size=n + S * n, labelled_per_batch=n)
     else:
-        weights = dict(w_ce=cfg.w_ce, w_kd=cfg.w_kd, w_tgt=cfg.w_tgt if method.startswith("tgt") else 0.0)
-        exploration = {"kd": "none", "tgt-random": "random", "tgt-gradient": "gradient"}[method]
+        weights = dict(w_ce=cfg.w_ce, w_kd=cfg.w_kd, w_tgt=0.0 if method == "kd" else cfg.w_tgt)
+        mode = {"kd": "none", "input-noise": "input", "tgt-random": "random", "tgt-gradient": "gradient"}[method]
+        extra = dict(exploration=mode, batch_size=n)
     config = tgtfast.TGTConfig(
-        exploration=exploration, **weights, sigma=cfg.sigma,
-        samples_per_example=max(1, math.ceil(cfg.new_samples_per_step / len(y))),
-        explore_steps=cfg.grad_steps, explore_step_size=cfg.grad_step_size, max_steps=cfg.steps,
-        batch_size=len(y), optimizer="adam", lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed, device="cpu",
+        **weights, **extra, sigma=cfg.input_sigma if method == "input-noise" else cfg.sigma,
+        samples_per_example=S, explore_steps=cfg.grad_steps, explore_step_size=cfg.grad_step_size,
+        max_steps=cfg.steps, optimizer="adam", lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed, device="cpu",
         out_dir=None, progress=False, plot=False,
     )
     trainer = tgtfast.TGTTrainer(student, teacher.labeler, decoder=teacher.vae.decoder, encoder=teacher.vae.encoder,
                                  loss=_distill_loss(loss, coeffs, cfg.temperature), config=config)
-    trainer.fit((x, y))
+    trainer.fit((x, y), unlabelled=pool if method == "real-unlabelled" else None)
     return student.eval()
 
 
@@ -68,6 +89,6 @@ def rows(cfg: DemoConfig) -> List[Tuple[str, str]]:
 
 def _jobs(cfg: DemoConfig) -> List[Tuple[str, str, int, int]]:
     # the slow TGT runs first, so that the parallel workers finish together
-    cost = {"tgt-gradient": 0, "tgt-random": 1, "kd": 2, "onehot": 3}
+    cost = {"tgt-gradient": 0, "tgt-random": 1, "real-unlabelled": 2, "input-noise": 2, "kd": 3, "onehot": 4}
     jobs = [(m, lo, b, s) for (m, lo) in rows(cfg) for b in cfg.budgets for s in cfg.seeds]
     return sorted(jobs, key=lambda j: (cost[j[0]], -j[2]))

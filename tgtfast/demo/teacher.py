@@ -74,7 +74,12 @@ def teacher_metrics(labeler: nn.Module, vae: TeacherVAE, splits: DigitsSplits) -
     recon = vae.decoder(mu_val)
     prior = vae.decoder(torch.randn(2000, vae.logvar.out_features))
     conf = torch.softmax(labeler(prior), -1).max(-1).values
+    from tgtfast.metrics import classification_metrics
+
+    test = classification_metrics(labeler(splits.x_test), splits.y_test)
     return {
+        "labeler_test_ece": test["ece"],
+        "labeler_test_nll": test["nll"],
         "labeler_val_accuracy": accuracy(labeler, splits.x_val, splits.y_val),
         "labeler_test_accuracy": accuracy(labeler, splits.x_test, splits.y_test),
         "labeler_accuracy_on_vae_reconstructions_val": accuracy(labeler, recon, splits.y_val),
