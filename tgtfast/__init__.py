@@ -89,7 +89,7 @@ from tgtfast.imperfect import (  # noqa: E402
     weighted_distill_loss,
 )
 from tgtfast.tgt import latent_noise, perturb, perturb_decode_label, temperature_softmax  # noqa: E402
-from tgtfast.train import TGTConfig, TGTHistory, TGTTrainer  # noqa: E402
+from tgtfast.train import ShortRunWarning, TGTConfig, TGTHistory, TGTTrainer  # noqa: E402
 
 # Former module paths, kept so ``tgtfast.functional.ptloss`` and the like still resolve after ``import tgtfast``.
 from tgtfast import _mlp, functional, trainer  # noqa: E402,F401
@@ -182,6 +182,7 @@ __all__ = [
     "CoefficientSearchResult",
     "TGTConfig",
     "TGTTrainer",
+    "ShortRunWarning",
     "TGTHistory",
     "latent_noise",
     "perturb",
