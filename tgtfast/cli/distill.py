@@ -45,7 +45,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from tgtfast.cli.train import ConfigError
+from tgtfast.cli.train import ConfigError, read_yaml
 
 __all__ = ["main", "CONFIG_KEYS", "DATA_KEYS", "LOSS_KEYS", "load_config", "help_config"]
 
@@ -107,16 +107,7 @@ def _mapping(value: Any, key: str, known: Optional[Dict[str, str]] = None) -> Di
 
 def load_config(path: str) -> Dict[str, Any]:
     """Read the YAML file (``yaml.safe_load``) and check its keys."""
-    import yaml
-
-    try:
-        with open(path) as fh:
-            cfg = yaml.safe_load(fh)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    cfg = _mapping(cfg, path, CONFIG_KEYS)
+    cfg = _mapping(read_yaml(path), path, CONFIG_KEYS)
     for key in ("student", "data"):
         if key not in cfg:
             raise ConfigError(f"{path} needs a '{key}' entry ({CONFIG_KEYS[key]})")

@@ -76,6 +76,20 @@ class ConfigError(ValueError):
     """A problem with the YAML config (the message names the key)."""
 
 
+def read_yaml(path: str) -> Any:
+    """The YAML document in `path` (``yaml.safe_load``: plain data, no code); a ConfigError when it cannot be
+    read or parsed."""
+    import yaml
+
+    try:
+        with open(path) as fh:
+            return yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+
+
 def help_config() -> str:
     """The documentation of every config key."""
     from tgtfast.train import TGTConfig
@@ -322,15 +336,7 @@ def load_config(path: str) -> Dict[str, Any]:
     Reading runs no code (``yaml.safe_load``), but the config it returns names ``module:function`` factories
     that ``tgtfast train`` then imports and calls: a config runs code, like a Hydra config's ``_target_``
     entries. Run only configs and factory modules you trust."""
-    import yaml
-
-    try:
-        with open(path) as fh:
-            cfg = yaml.safe_load(fh)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    cfg = read_yaml(path)
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path} must hold a mapping of the keys {list(CONFIG_KEYS)}")
     unknown = sorted(set(cfg) - set(CONFIG_KEYS))
