@@ -37,8 +37,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from tgtfast import empty_cpu_cache
-from tgtfast.bench import _peak_rss_bytes, _rss_bytes, _sync, device_name
+from tgtfast.bench import _sync, device_name
+from tgtfast.bench.memory import measure_pass
 
 VARIANTS = {"logits": ("trl", "tgtfast"), "fused": ("liger", "liger_eager", "tgtfast")}
 PEER = {"logits": "trl", "fused": "liger"}
@@ -103,21 +103,8 @@ def run_child(case: str, variant: str, args) -> Dict:
     _fwd_bwd(step, x)  # warm-up (and compilation)
     for v in x.values():
         v.grad = None
-    empty_cpu_cache()  # the output blocks the C++ ops keep for reuse: the measured pass allocates its own
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        base = _rss_bytes()
-    start = time.perf_counter()
-    loss = _fwd_bwd(step, x)
-    _sync(device)
-    times = [time.perf_counter() - start]
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss_bytes()) - base
+    first, loss, peak = measure_pass(lambda: _fwd_bwd(step, x), device)  # tgtfast's reused blocks freed first
+    times = [first]
     for _ in range(args.repeats - 1):
         start = time.perf_counter()
         _fwd_bwd(step, x)

@@ -8,7 +8,8 @@ import os
 import resource
 import subprocess
 import sys
-from typing import Dict, Optional
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -27,6 +28,31 @@ def _peak_rss_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_pass(fn: Callable[[], Any], device: torch.device) -> Tuple[float, Any, int]:
+    """One call of `fn` after warm-up: ``(seconds, its result, peak bytes above what was held before it)``. The
+    blocks tgtfast's C++ ops keep for reuse are freed first, so that the call allocates its own outputs. CPU: the
+    peak resident set size (``VmHWM`` after ``/proc/self/clear_refs``) minus the RSS before; CUDA:
+    ``torch.cuda.max_memory_allocated`` minus the allocation before."""
+    from tgtfast.bench.timing import _sync
+
+    tgtfast.empty_cpu_cache()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as fh:  # reset the peak resident set size (VmHWM)
+            fh.write("5")
+        base = _rss_bytes()
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss_bytes()) - base
+    return seconds, out, peak
 
 
 def _tiny(shape: Dict[str, int]) -> Dict[str, int]:
