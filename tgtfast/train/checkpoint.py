@@ -243,8 +243,9 @@ def _check_contents(path: str, state: Dict[str, Any], total: int) -> None:
                                                   for r in rng)):
         raise bad("its 'rng' entry is not a list of generator states (one per process)")
     hist = state["history"]
-    if not (isinstance(hist, dict) and set(hist) == {"train", "val", "steps"} and isinstance(hist["train"], list)
-            and isinstance(hist["val"], list)):
-        raise bad("its 'history' entry is not a TGTHistory (train, val, steps)")
+    if not (isinstance(hist, dict) and {"train", "val", "steps"} <= set(hist)
+            <= {"train", "val", "steps", "teacher_queries"} and isinstance(hist["train"], list)
+            and isinstance(hist["val"], list) and isinstance(hist.get("teacher_queries", 0), int)):
+        raise bad("its 'history' entry is not a TGTHistory (train, val, steps, teacher_queries)")
     if hist["steps"] != step:
         raise bad(f"its counters disagree: step {step} but the history ends at step {hist['steps']}")

@@ -77,9 +77,14 @@ _FIELD_DOCS = {
     "imperfect": "distillation from an imperfect teacher (tgtfast.imperfect): 'none', 'weighted' (rows weighted by "
                  "the teacher's estimated accuracy alpha(x); needs a KDLoss) or 'slam' (SLaM's loss at the KDLoss's "
                  "temperature); the reliability is fitted on the labelled rows of val unless given to TGTTrainer",
-    "active_pool": "propose this many times more new samples than are kept and keep samples_per_example per "
-                   "example by robust active selection (1: keep every sample; needs exploration)",
-    "reliability_bins": "bins of the teacher's reliability estimate (needs 25 labelled val rows per bin)",
+    "active_pool": "propose this many times more new samples than are kept, without labelling them, and keep "
+                   "samples_per_example per example on average by robust active selection (the student's "
+                   "informativeness against the teacher's correctness estimated from the student's margin); only "
+                   "the kept samples are labelled by the teacher (1: keep and label every sample; needs exploration)",
+    "active_refit_every": "refit the teacher's estimated correctness against the student's margin on val every N "
+                          "steps (0: once, before the first step)",
+    "reliability_bins": "bins of the teacher's reliability estimate and of the correctness curve of active_pool "
+                        "(needs 25 labelled val rows per bin)",
     "ece_bins": "equal-width confidence bins of the expected calibration error reported by evaluation (>= 1)",
     "progress": "show a tqdm progress bar; null: when stderr is a terminal",
     "plot": "write curves.png at the end (needs matplotlib)",
@@ -97,7 +102,7 @@ _BOUNDS = {
     "labelled_per_batch": (1, True),
     "grad_accum_steps": (1, True), "epochs": (1, True), "max_steps": (1, True), "log_every": (1, True),
     "warmup_steps": (0, True), "checkpoint_every": (0, True), "eval_every": (0, True), "seed": (0, True),
-    "ece_bins": (1, True), "active_pool": (1, True), "reliability_bins": (1, True),
+    "ece_bins": (1, True), "active_pool": (1, True), "active_refit_every": (0, True), "reliability_bins": (1, True),
     "num_workers": (0, True),
 }
 _CHOICES = {"imperfect": ("none", "weighted", "slam"), "exploration": EXPLORATIONS, "optimizer": OPTIMIZERS,
@@ -149,6 +154,7 @@ class TGTConfig:
     ece_bins: int = 15
     imperfect: str = "none"
     active_pool: int = 1
+    active_refit_every: int = 10
     reliability_bins: int = 10
     progress: Optional[bool] = None
     plot: bool = True

@@ -17,13 +17,18 @@ class TGTHistory:
 
     Train records hold ``step``, ``epoch``, ``lr``, ``loss`` and its terms ``ce``, ``kd``, ``tgt`` (each the
     unweighted normalised term; ``kd`` and ``tgt`` are 0, not computed, when their weight is 0), ``acc`` (on the
-    labelled examples of the step), ``examples_per_s`` and ``samples_per_s`` (examples plus generated samples).
+    labelled examples of the step), ``examples_per_s`` and ``samples_per_s`` (examples plus generated samples),
+    ``teacher_queries`` (the rows the labeler evaluated in that step, over all processes: training inputs whose
+    labels are not cached, new samples, the candidates of gradient exploration's ascent steps).
+    ``teacher_queries`` of the history is the run's total: every step's plus the training set labelled once
+    when the teacher is cached (validation rows are not counted).
     Val records hold ``step``, ``val_acc``, ``val_nll`` (``val_ce`` is the same number under its older name),
     ``val_ece`` (see :meth:`TGTTrainer.evaluate`) and ``val_kd``."""
 
     train: List[Dict[str, float]] = field(default_factory=list)
     val: List[Dict[str, float]] = field(default_factory=list)
     steps: int = 0
+    teacher_queries: int = 0
 
     def column(self, name: str) -> List[float]:
         """The values of one metric over the records that have it (train records first, then val)."""
@@ -40,7 +45,7 @@ class TGTHistory:
         return out
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"train": self.train, "val": self.val, "steps": self.steps}
+        return {"train": self.train, "val": self.val, "steps": self.steps, "teacher_queries": self.teacher_queries}
 
 
 def append_jsonl(path: str, record: Dict[str, Any]) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sys
 import time
@@ -45,8 +44,9 @@ from tgtfast.train.data import Joined, StepSampler, TensorPairs, as_dataset, def
 from tgtfast.train.distributed import broadcast_object, resolve_device, setup_distributed
 from tgtfast.train.evaluation import evaluate_student
 from tgtfast.train import imperfect
-from tgtfast.train.exploration import autocast, explore
+from tgtfast.train.exploration import autocast, new_samples
 from tgtfast.train.noise import mix
+from tgtfast.train.optim import make_optimizer, make_scheduler
 from tgtfast.train.preflight import probe, scan_training_set
 from tgtfast.train.records import TGTHistory, append_jsonl, plot_history, progress
 from tgtfast.train.streams import make_plan
@@ -137,6 +137,7 @@ class TGTTrainer:
         imperfect.check_options(config, self.loss)
         self.reliability = reliability
         self._term = imperfect.distill_term("none", self.loss, None, self.temperature)
+        self._correctness: Optional[imperfect.ActiveCorrectness] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
         self.history = TGTHistory()
@@ -149,32 +150,6 @@ class TGTTrainer:
         """A hash of everything that decides the trained weights: the config fields that matter, the loss and
         the student's parameter names and shapes. A checkpoint resumes only a run with the same fingerprint."""
         return ckpt.fingerprint(self.config, self.loss, self.student)
-
-    def _make_optimizer(self, params) -> torch.optim.Optimizer:
-        c = self.config
-        if self._optimizer_factory is not None:
-            opt = self._optimizer_factory(params)
-            if not isinstance(opt, torch.optim.Optimizer):
-                raise TypeError(f"the optimizer factory returned {type(opt).__name__}, not a torch.optim.Optimizer")
-            return opt
-        if c.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-        cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
-        return cls(params, lr=c.lr, weight_decay=c.weight_decay)
-
-    def _make_scheduler(self, opt: torch.optim.Optimizer, total: int):
-        c = self.config
-
-        def factor(step: int) -> float:
-            if c.warmup_steps and step < c.warmup_steps:
-                return (step + 1) / (c.warmup_steps + 1)
-            if c.lr_schedule == "constant":
-                return 1.0
-            span = max(total - c.warmup_steps, 1)
-            frac = min(max(step - c.warmup_steps, 0) / span, 1.0)
-            return 0.5 * (1 + math.cos(math.pi * frac)) if c.lr_schedule == "cosine" else 1.0 - frac
-
-        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
     def _freeze_teacher(self) -> None:
         for mod in (self.labeler, self.decoder, self.encoder):
@@ -215,8 +190,11 @@ class TGTTrainer:
         S = c.samples_per_example
         exploring = c.exploration != "none"
         latent = c.exploration in ("random", "gradient")
-        sums = torch.zeros(5, dtype=torch.float64, device=device)  # ce, kd, tgt, correct, examples (local sums)
+        sums = torch.zeros(6, dtype=torch.float64, device=device)  # ce, kd, tgt, correct, examples, queries
+        if c.active_pool > 1 and exploring and c.w_tgt > 0:
+            self._correctness.refit_if_due(self.student, step, c.active_refit_every)
         for j, (micro, idx, start, x, y) in enumerate(loaded):
+            queries = 0
             if cache_t is not None:
                 ii = torch.as_tensor(idx, dtype=torch.long, device=device)
                 t = cache_t[ii]
@@ -225,17 +203,14 @@ class TGTTrainer:
                 with torch.no_grad():
                     t = self.labeler(x).float()
                     z0 = self.encoder(x) if latent else None
+                queries += x.shape[0]
             nx = x.shape[0]
             if exploring and c.w_tgt > 0:
-                pool = c.active_pool
-                x_new, t_new = explore(z0 if latent else x, config=c if pool == 1 else self._explore_config,
-                                       step=step, micro=micro, start=start, student=self.student,
-                                       decoder=self.decoder, labeler=self.labeler, loss=self.loss,
-                                       temperature=self.temperature)
-                if pool > 1:
-                    x_new, t_new = imperfect.select_active(x_new, t_new, nx * S, student=self.student,
-                                                           reliability=self.reliability, seed=c.seed, step=step,
-                                                           micro=micro)
+                x_new, t_new, asked = new_samples(z0 if latent else x, nx, config=c, explore_config=self._explore_config,
+                                                  step=step, micro=micro, start=start, student=self.student,
+                                                  decoder=self.decoder, labeler=self.labeler, loss=self.loss,
+                                                  temperature=self.temperature, correctness=self._correctness)
+                queries += asked
                 inputs = torch.cat([x, x_new.to(x.dtype)])
             else:
                 inputs, t_new = x, None
@@ -258,7 +233,8 @@ class TGTTrainer:
             with torch.no_grad():
                 correct = (s.argmax(1) == y).sum() if y is not None else torch.zeros((), device=device)
                 sums += torch.stack([ce.detach().double(), kd.detach().double(), tgt.detach().double(),
-                                     correct.double(), torch.tensor(float(nx), dtype=torch.float64, device=device)])
+                                     correct.double(), torch.tensor(float(nx), dtype=torch.float64, device=device),
+                                     torch.tensor(float(queries), dtype=torch.float64, device=device)])
         if c.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), c.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -275,6 +251,7 @@ class TGTTrainer:
             "ce": ce_m, "kd": kd_m, "tgt": tgt_m,
             "acc": float(sums[3]) / n_lab if n_lab > 0 else float("nan"),
             "lr": lr, "examples": n_all, "samples": n_all * (1 + (S if exploring and c.w_tgt > 0 else 0)),
+            "teacher_queries": int(round(float(sums[5]))),
         }
 
     # ----------------------------------------------------------------------------------------------- evaluation
@@ -316,6 +293,7 @@ class TGTTrainer:
             "rng": rngs,  # per rank: dropout draws continue where they stopped
             "history": self.history.to_dict(),
             "config": self.config.to_dict(),
+            "active_correctness": None if self._correctness is None else self._correctness.state(),
         })
 
     def _read_checkpoint(self, total: int) -> Optional[Dict[str, Any]]:
@@ -344,6 +322,8 @@ class TGTTrainer:
             raise ValueError(f"the checkpoint's optimizer state does not fit this run: {exc}") from exc
         self.step = int(state["step"])
         self.history = TGTHistory(**state["history"])
+        if self._correctness is not None:
+            self._correctness.load(state.get("active_correctness"))
         if len(state["rng"]) == self.world_size:
             ckpt.set_rng_state(state["rng"][self.rank], self._device())
         elif self.rank == 0:
@@ -413,6 +393,11 @@ class TGTTrainer:
         self.reliability = imperfect.resolve(c, self.reliability, self.labeler, val, self.batch_fn, device,
                                              self.temperature)
         self._term = imperfect.distill_term(c.imperfect, self.loss, self.reliability, self.temperature)
+        self._correctness = None
+        if c.active_pool > 1:
+            self._correctness = imperfect.ActiveCorrectness.build(self.labeler, val, self.batch_fn, device,
+                                                                  bins=c.reliability_bins,
+                                                                  reliability=self.reliability)
         self._explore_config = c.replace(samples_per_example=c.samples_per_example * c.active_pool)
         if self.rank == 0:
             plan.warn_if_short()
@@ -420,12 +405,14 @@ class TGTTrainer:
         state = self._read_checkpoint(total)  # raises (before anything is written) on a mismatch
 
         torch.manual_seed(mix(c.seed, self.rank, 0xD0))
-        self.optimizer = self._make_optimizer(self.student.parameters())
-        self.scheduler = self._make_scheduler(self.optimizer, total)
+        self.optimizer = make_optimizer(c, self._optimizer_factory, self.student.parameters())
+        self.scheduler = make_scheduler(c, self.optimizer, total)
         self.step = 0
         self.history = TGTHistory()
         if state is not None:
             self._restore(state)
+        if cache_t is not None:  # the training inputs labelled once by the scan (again on a resume)
+            self.history.teacher_queries += n
         if self.rank == 0 and c.out_dir is not None:
             os.makedirs(c.out_dir, exist_ok=True)
             ckpt.remove_stale_temporaries(c.out_dir)
@@ -455,8 +442,9 @@ class TGTTrainer:
             rec = self._train_step(step, batches, data, device, model)
             dt = time.perf_counter() - t0
             self.step = step + 1
+            self.history.teacher_queries += rec["teacher_queries"]
             record = {"step": self.step, "epoch": epoch, "lr": rec["lr"], "loss": rec["loss"], "ce": rec["ce"],
-                      "kd": rec["kd"], "tgt": rec["tgt"], "acc": rec["acc"],
+                      "kd": rec["kd"], "tgt": rec["tgt"], "acc": rec["acc"], "teacher_queries": rec["teacher_queries"],
                       "examples_per_s": rec["examples"] / dt, "samples_per_s": rec["samples"] / dt}
             last = self.step == total
             if self.step % c.log_every == 0 or last:
