@@ -32,10 +32,10 @@ class Recording(TGTTrainer):
         super().__init__(*a, **kw)
         self.loaded = []
 
-    def _load_batch(self, dataset, collate, indices, device, batch=None):
-        x, y = super()._load_batch(dataset, collate, indices, device, batch)
-        self.loaded.append(y.clone())
-        return x, y
+    def _load_batch(self, dataset, collate, indices, device, batch=None, **teacher):
+        out = super()._load_batch(dataset, collate, indices, device, batch, **teacher)
+        self.loaded.append(out[1].clone())
+        return out
 
 
 def make(cls=TGTTrainer, **cfg):

@@ -11,8 +11,8 @@ import torch
 
 from tgtfast.train.noise import mix
 
-__all__ = ["TensorPairs", "Joined", "as_dataset", "default_batch_fn", "load_batch", "run_length", "StepPlan",
-           "StepSampler"]
+__all__ = ["TensorPairs", "Joined", "as_dataset", "default_batch_fn", "load_batch", "check_teacher", "take_teacher",
+           "cat_teachers", "run_length", "StepPlan", "StepSampler"]
 
 Batch = Tuple[int, List[int], int, int]  # micro index, local example indices, first local position, global size
 
@@ -69,10 +69,13 @@ def default_batch_fn(batch: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
 
 
 def load_batch(dataset, collate, batch_fn: Callable, indices: Sequence[int], device: torch.device,
-               batch: Any = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(inputs, labels)`` of the examples ``indices`` on ``device`` (``batch``: already collated by a worker)."""
+               batch: Any = None, *, teacher: bool = False) -> Tuple[Any, ...]:
+    """``(inputs, labels)`` of the examples ``indices`` on ``device`` (``batch``: already collated by a worker);
+    with ``teacher=True``, ``(inputs, labels, teacher)``: the cached teacher ``batch_fn`` returned as its third
+    element (dense logits ``[N, K]`` or a :class:`tgtfast.SparseTeacher` ``[N, k]``), or None."""
     if isinstance(dataset, Joined) and batch is None:
-        return dataset.load(batch_fn, indices, device)
+        out = dataset.load(batch_fn, indices, device)
+        return out if teacher else out[:2]
     if batch is not None:  # collated by a DataLoader worker
         pass
     elif isinstance(dataset, TensorPairs):  # rows of tensors: one gather instead of a per-example collate
@@ -81,9 +84,10 @@ def load_batch(dataset, collate, batch_fn: Callable, indices: Sequence[int], dev
     else:
         batch = collate([dataset[int(i)] for i in indices])
     out = batch_fn(batch)
-    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise TypeError(f"batch_fn must return (inputs, labels), got {type(out).__name__}")
-    x, y = out
+    if not (isinstance(out, (tuple, list)) and len(out) in (2, 3)):
+        raise TypeError(f"batch_fn must return (inputs, labels) or (inputs, labels, teacher), got "
+                        f"{type(out).__name__}{f' of {len(out)}' if isinstance(out, (tuple, list)) else ''}")
+    x, y = out[0], out[1]
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"batch_fn must return inputs as a tensor, got {type(x).__name__}")
     x = x.to(device)
@@ -93,7 +97,61 @@ def load_batch(dataset, collate, batch_fn: Callable, indices: Sequence[int], dev
         if y.shape != (x.shape[0],):
             raise ValueError(f"labels must have shape [{x.shape[0]}], got {tuple(y.shape)}")
         y = y.to(device=device, dtype=torch.long)
-    return x, y
+    if not teacher:
+        return x, y
+    return x, y, check_teacher(out[2] if len(out) == 3 else None, x.shape[0], device)
+
+
+def check_teacher(t: Any, n: int, device: torch.device) -> Any:
+    """A cached teacher from ``batch_fn`` for ``n`` inputs, on ``device``: None, float32 logits ``[n, K]`` or a
+    :class:`tgtfast.SparseTeacher` of leading shape ``[n]``."""
+    from tgtfast.losses.sparse import SparseTeacher
+
+    if t is None:
+        return None
+    if isinstance(t, SparseTeacher):
+        if tuple(t.shape) != (n,):
+            raise ValueError(f"batch_fn's teacher must be a SparseTeacher of leading shape [{n}] (one row per input, "
+                             f"[N, k]), got leading shape {tuple(t.shape)}")
+        return t.to(device)
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError("batch_fn's third element (the teacher) must be floating logits [N, K], a "
+                        f"tgtfast.SparseTeacher or None, got {type(t).__name__}"
+                        f"{'' if not isinstance(t, torch.Tensor) else ' of dtype ' + str(t.dtype)}")
+    if t.dim() != 2 or t.shape[0] != n:
+        raise ValueError(f"batch_fn's teacher logits must have shape [{n}, K], got {tuple(t.shape)}")
+    return t.to(device=device, dtype=torch.float32)
+
+
+def take_teacher(t: Any, index: torch.Tensor) -> Any:
+    """Rows ``index`` of a dense or sparse teacher (None stays None)."""
+    from tgtfast.losses.sparse import SparseTeacher
+
+    if isinstance(t, SparseTeacher):
+        return SparseTeacher(t.indices[index], t.logprobs[index], tail=t.tail, temperature=t.temperature)
+    return None if t is None else t[index]
+
+
+def cat_teachers(parts: Sequence[Any]) -> Any:
+    """Dense or sparse teachers stacked by rows (all None: None; a mix of None and teachers: an error)."""
+    from tgtfast.losses.sparse import SparseTeacher
+
+    if all(t is None for t in parts):
+        return None
+    if any(t is None for t in parts):
+        raise ValueError("batch_fn returned a teacher for some examples of a batch and none for others: the "
+                         "training set and the unlabelled stream must both carry one, or neither")
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(t, SparseTeacher) for t in parts):
+        first = parts[0]
+        if any((t.k, t.tail, t.temperature) != (first.k, first.tail, first.temperature) for t in parts):
+            raise ValueError("the sparse teachers of a batch differ in k, tail or temperature")
+        return SparseTeacher(torch.cat([t.indices for t in parts]), torch.cat([t.logprobs for t in parts]),
+                             tail=first.tail, temperature=first.temperature)
+    if any(isinstance(t, SparseTeacher) for t in parts):
+        raise ValueError("batch_fn returned dense teacher logits for some examples and a SparseTeacher for others")
+    return torch.cat(list(parts))
 
 
 class Joined:
@@ -109,22 +167,24 @@ class Joined:
         return self.n_train + len(self.parts[1][0])
 
     def load(self, batch_fn: Callable, indices: Sequence[int], device: torch.device
-             ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(inputs, labels)`` of the joined examples ``indices`` in that order (labels -100 where unknown)."""
+             ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Any]:
+        """``(inputs, labels, teacher)`` of the joined examples ``indices`` in that order (labels -100 where
+        unknown; teacher: what ``batch_fn`` returned for them, or None)."""
         idx = [int(i) for i in indices]
         first = [i for i in idx if i < self.n_train]
         second = [i - self.n_train for i in idx if i >= self.n_train]
-        xs, ys = [], []
+        xs, ys, ts = [], [], []
         for part, sel in zip(self.parts, (first, second)):
             if not sel:
                 continue
-            x, y = load_batch(part[0], part[1], batch_fn, sel, device)
+            x, y, t = load_batch(part[0], part[1], batch_fn, sel, device, teacher=True)
             if y is None or part is self.parts[1]:
                 y = torch.full((x.shape[0],), -100, dtype=torch.long, device=device)
             xs.append(x)
             ys.append(y)
+            ts.append(t)
         if len(xs) == 1:
-            return xs[0], ys[0]
+            return xs[0], ys[0], ts[0]
         if xs[0].shape[1:] != xs[1].shape[1:]:
             raise ValueError(f"unlabelled inputs {tuple(xs[1].shape[1:])} are not shaped like the training inputs "
                              f"{tuple(xs[0].shape[1:])}")
@@ -135,7 +195,7 @@ class Joined:
         where = torch.empty(len(idx), dtype=torch.long)
         where[torch.tensor(loaded_at, dtype=torch.long)] = torch.arange(len(idx))
         where = where.to(device)
-        return x[where], y[where]
+        return x[where], y[where], take_teacher(cat_teachers(ts), where)
 
 
 def run_length(config: Any, steps_per_epoch: int) -> Tuple[int, str]:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -15,10 +15,12 @@ __all__ = ["evaluate_student"]
 
 
 @torch.no_grad()
-def evaluate_student(student: nn.Module, labeler: Callable, loss: Callable, config: Any, batch_fn: Callable,
-                     data: Any) -> Dict[str, float]:
+def evaluate_student(student: nn.Module, labeler: Optional[Callable], loss: Callable, config: Any,
+                     batch_fn: Callable, data: Any) -> Dict[str, float]:
     """``val_acc``, ``val_nll`` (= ``val_ce``), ``val_ece`` on the labelled examples of ``data`` and ``val_kd`` on
-    all of them (see :meth:`tgtfast.TGTTrainer.evaluate`); the student is evaluated in eval mode."""
+    all of them (see :meth:`tgtfast.TGTTrainer.evaluate`); the student is evaluated in eval mode. ``val_kd`` is
+    taken against the cached teacher ``batch_fn`` returns with a batch, else the labeler's logits (NaN with
+    neither)."""
     from tgtfast.metrics import ClassificationMeter
 
     dataset, collate = as_dataset(data, "val")
@@ -33,11 +35,13 @@ def evaluate_student(student: nn.Module, labeler: Callable, loss: Callable, conf
     try:
         bs = max(config.batch_size, 256)
         for i in range(0, n, bs):
-            x, y = load_batch(dataset, collate, batch_fn, list(range(i, min(i + bs, n))), device)
+            x, y, t = load_batch(dataset, collate, batch_fn, list(range(i, min(i + bs, n))), device, teacher=True)
             with autocast(config.bf16, device):
                 s = student(x)
             s = s.float()
-            kd += float(loss_sum(loss, s, labeler(x).float()))
+            if t is None and labeler is not None:
+                t = labeler(x).float()
+            kd += float(loss_sum(loss, s, t)) if t is not None else float("nan")
             if y is not None:
                 keep = y != -100
                 meter.update(y[keep], logits=s[keep])

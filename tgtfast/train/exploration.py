@@ -12,7 +12,7 @@ from torch import nn
 
 from tgtfast.train.noise import noise_seed
 
-__all__ = ["explore", "new_samples", "teacher_rows", "loss_sum", "autocast", "perturb_decode_label_fn"]
+__all__ = ["explore", "new_samples", "teacher_rows", "loss_sum", "loss_option", "autocast", "perturb_decode_label_fn"]
 
 
 def perturb_decode_label_fn() -> Callable:
@@ -28,10 +28,20 @@ def autocast(bf16: bool, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def loss_sum(loss: Callable, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Sum over rows of ``loss(s, t)`` (the loss is called once, on the whole block)."""
+def loss_option(loss: Callable, name: str, default: Any) -> Any:
+    """A setting of the loss (``reduction``, ``temperature``): its attribute, or its entry in the keyword
+    arguments a :class:`tgtfast.DistillLoss` keeps, else ``default``."""
+    if hasattr(loss, name):
+        return getattr(loss, name)
+    kwargs = getattr(loss, "kwargs", None)
+    return kwargs.get(name, default) if isinstance(kwargs, dict) else default
+
+
+def loss_sum(loss: Callable, s: torch.Tensor, t: Any) -> torch.Tensor:
+    """Sum over rows of ``loss(s, t)`` (the loss is called once, on the whole block; ``t``: teacher logits or a
+    :class:`tgtfast.SparseTeacher`)."""
     out = loss(s, t)
-    red = getattr(loss, "reduction", "batchmean")
+    red = loss_option(loss, "reduction", "batchmean")
     if red == "sum":
         return out
     if red == "none" or out.dim() > 0:

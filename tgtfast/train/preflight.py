@@ -5,7 +5,7 @@ before anything is written), check every label of the training set, and cache th
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -32,32 +32,43 @@ def label_error(index: int, label: int, num_classes: int) -> ValueError:
                       f"label {label}")
 
 
-def probe(student: nn.Module, labeler: Callable, encoder: Optional[Callable], decoder: Optional[Callable],
-          exploration: str, x: torch.Tensor, y: Optional[torch.Tensor]) -> Widths:
-    """Run the models on the first training examples ``x`` (labels ``y``) and check every shape the training
-    relies on; returns the widths of the teacher's outputs."""
+def probe(student: nn.Module, labeler: Optional[Callable], encoder: Optional[Callable],
+          decoder: Optional[Callable], exploration: str, x: torch.Tensor, y: Optional[torch.Tensor],
+          teacher: Any = None) -> Widths:
+    """Run the models on the first training examples ``x`` (labels ``y``, the cached ``teacher`` that
+    ``batch_fn`` returned for them or None) and check every shape the training relies on; returns the widths of
+    the teacher's outputs."""
     was_training = student.training
     student.eval()  # no dropout draws, no batch-norm statistics updates
     try:
         with torch.no_grad():
-            return _probe(student, labeler, encoder, decoder, exploration, x, y)
+            return _probe(student, labeler, encoder, decoder, exploration, x, y, teacher)
     finally:
         student.train(was_training)
 
 
-def _probe(student, labeler, encoder, decoder, exploration, x, y) -> Widths:
-    t = labeler(x)
+def _probe(student, labeler, encoder, decoder, exploration, x, y, teacher) -> Widths:
+    from tgtfast.losses.sparse import SparseTeacher
+
     s = student(x)
-    for name, out in (("labeler", t), ("student", s)):
+    if labeler is not None:
+        t, name = labeler(x), "labeler"
+    elif isinstance(teacher, SparseTeacher):  # top-k classes only: the width is the student's
+        t, name = s, "student"
+    else:
+        t, name = teacher, "batch_fn's teacher"
+    for who, out in ((name, t), ("student", s)):
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"{name} must map a batch of {x.shape[0]} inputs to logits [N, K], got {shape}")
+            raise ValueError(f"{who} must map a batch of {x.shape[0]} inputs to logits [N, K], got {shape}")
     widths: Widths = ((t.shape[1],), (0, torch.float32))
     if s.shape[1] != t.shape[1]:
         raise ValueError(
-            f"the student's output width ({s.shape[1]}) differs from the labeler's ({t.shape[1]}): both "
+            f"the student's output width ({s.shape[1]}) differs from the {name}'s ({t.shape[1]}): both "
             "must produce logits over the same classes"
         )
+    if isinstance(teacher, SparseTeacher) and bool((teacher.indices >= s.shape[1]).any()):
+        raise ValueError(f"batch_fn's SparseTeacher holds class indices >= the student's {s.shape[1]} classes")
     bad = first_bad_label(y, s.shape[1])
     if bad >= 0:
         raise label_error(bad, int(y[bad]), s.shape[1])
@@ -89,12 +100,14 @@ def _probe(student, labeler, encoder, decoder, exploration, x, y) -> Widths:
 
 def scan_training_set(dataset, collate, batch_fn: Callable, device: torch.device, *, labeler: Callable,
                       encoder: Optional[Callable], widths: Widths, explore: bool, cache: bool, check_labels: bool,
-                      batch_size: int, rank: int = 0, world_size: int = 1, show_progress: bool = False
+                      batch_size: int, rank: int = 0, world_size: int = 1, show_progress: bool = False,
+                      label: bool = True
                       ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """One pass over the training set (each rank a contiguous shard): every label is checked (a bad one is a
     ``ValueError`` naming the example, raised on every rank) and, with ``cache``, ``Enc(x)`` and ``h(x)`` of
-    every example are computed (index order, all-gathered over the ranks). Returns ``(z, t, labelled)``: ``z``
-    is None without exploration, ``z`` and ``t`` are None without ``cache``; ``labelled`` ``[n]`` bool marks the
+    every example are computed (index order, all-gathered over the ranks; ``h(x)`` only with ``label``: not when
+    the batches carry their cached teacher). Returns ``(z, t, labelled)``: ``z`` is None without exploration,
+    ``t`` without ``label``, ``z`` and ``t`` are None without ``cache``; ``labelled`` ``[n]`` bool marks the
     examples whose label is not -100 (None when labels are not checked)."""
     n = len(dataset)
     (k,), (d, z_dtype) = widths
@@ -115,7 +128,7 @@ def scan_training_set(dataset, collate, batch_fn: Callable, device: torch.device
                 bad = i + j if j >= 0 else n
             if check_labels:
                 marks.append(y != -100 if y is not None else torch.zeros(x.shape[0], dtype=torch.bool, device=device))
-            if cache:
+            if cache and label:
                 ts.append(labeler(x).float())
                 if explore:
                     zs.append(encoder(x))
@@ -131,9 +144,9 @@ def scan_training_set(dataset, collate, batch_fn: Callable, device: torch.device
         labelled = labelled.cpu()
     if not cache:
         return None, None, labelled
-    t = torch.cat(ts) if ts else torch.zeros(0, k, device=device)
+    t = (torch.cat(ts) if ts else torch.zeros(0, k, device=device)) if label else None
     z = (torch.cat(zs) if zs else torch.zeros(0, d, dtype=z_dtype, device=device)) if explore else None
     if world_size > 1:
-        t = gather_rows(t, per, n, world_size)
+        t = gather_rows(t, per, n, world_size) if label else None
         z = gather_rows(z, per, n, world_size) if explore else None
     return z, t, labelled

@@ -44,12 +44,13 @@ from tgtfast.train.data import Joined, StepSampler, TensorPairs, as_dataset, def
 from tgtfast.train.distributed import broadcast_object, resolve_device, setup_distributed
 from tgtfast.train.evaluation import evaluate_student
 from tgtfast.train import imperfect
-from tgtfast.train.exploration import autocast, new_samples
+from tgtfast.train.exploration import autocast, loss_option, new_samples
 from tgtfast.train.noise import mix
 from tgtfast.train.optim import make_optimizer, make_scheduler
 from tgtfast.train.preflight import probe, scan_training_set
 from tgtfast.train.records import TGTHistory, append_jsonl, plot_history, progress
 from tgtfast.train.streams import make_plan
+from tgtfast.train.teachers import check_batch_teacher, check_labeler, missing_teacher_error
 
 __all__ = ["TGTTrainer"]
 
@@ -60,7 +61,8 @@ class TGTTrainer:
     Args (everything after ``student, labeler`` is keyword-only; passing more positional arguments, as the old
     ``TGTTrainer(student, labeler, decoder, encoder)`` did, is a ``TypeError`` saying so):
         student: the model trained; maps a batch of inputs ``x`` to logits ``[N, K]``.
-        labeler: the frozen teacher labeler ``h``: inputs to logits ``[N, K]``.
+        labeler: the frozen teacher labeler ``h``: inputs to logits ``[N, K]``. May be None when ``batch_fn``
+            returns the cached teacher of every batch and nothing else needs the labeler (``exploration="none"``).
         decoder: the frozen teacher decoder ``Dec: [N, d] -> inputs`` (needed by ``exploration="random"`` and
             ``"gradient"``; ``"none"`` and ``"input"`` use no generator).
         encoder: the frozen teacher encoder ``Enc: inputs -> [N, d]`` (needed by the same two).
@@ -71,7 +73,12 @@ class TGTTrainer:
             ``tgtfast.KDLoss()``.
         config: a :class:`TGTConfig`.
         batch_fn: maps a collated batch to ``(inputs, labels)``; labels may be ``None`` (unlabelled) and
-            label ``-100`` marks an unlabelled example. Default: batches ``(x, y)`` or ``(x,)``.
+            label ``-100`` marks an unlabelled example. Default: batches ``(x, y)`` or ``(x,)``. It may return
+            ``(inputs, labels, teacher)`` with the batch's cached teacher (an offline teacher): dense logits
+            ``[N, K]`` or a :class:`tgtfast.SparseTeacher` ``[N, k]`` (e.g. from a :class:`tgtfast.TeacherCache`),
+            which then replaces ``labeler(inputs)`` in the distillation term of the training inputs and in
+            ``val_kd`` (the labeler still labels new samples). A SparseTeacher needs a loss that takes one
+            (:class:`tgtfast.DistillLoss`; ``KDLoss`` / ``PTLoss`` are refused by name) and no ``imperfect``.
         optimizer: optional ``params -> torch.optim.Optimizer`` factory replacing ``config.optimizer``.
         reliability: a fitted :class:`tgtfast.imperfect.TeacherReliability` for ``config.imperfect`` and
             ``config.active_pool`` (default: fitted on the labelled rows of ``fit``'s ``val``; see
@@ -109,8 +116,7 @@ class TGTTrainer:
         for name, mod in (("labeler", labeler), ("decoder", decoder), ("encoder", encoder)):
             if mod is not None and not callable(mod):
                 raise TypeError(f"{name} must be a module or callable, got {type(mod).__name__}")
-        if labeler is None:
-            raise TypeError("labeler is required (the teacher that labels inputs)")
+        check_labeler(labeler, config, reliability)
         if config.exploration in ("random", "gradient"):
             if decoder is None:
                 raise ValueError(f"exploration={config.exploration!r} needs a decoder (or use exploration='none')")
@@ -133,11 +139,12 @@ class TGTTrainer:
         self.config = config
         self.batch_fn = batch_fn or default_batch_fn
         self._optimizer_factory = optimizer
-        self.temperature = float(getattr(self.loss, "temperature", 1.0))
+        self.temperature = float(loss_option(self.loss, "temperature", 1.0))
         imperfect.check_options(config, self.loss)
         self.reliability = reliability
         self._term = imperfect.distill_term("none", self.loss, None, self.temperature)
         self._correctness: Optional[imperfect.ActiveCorrectness] = None
+        self._batch_teacher = False
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
         self.history = TGTHistory()
@@ -163,8 +170,8 @@ class TGTTrainer:
             if isinstance(mod, nn.Module):
                 mod.to(device)
 
-    def _load_batch(self, dataset, collate, indices, device: torch.device, batch: Any = None):
-        return load_batch(dataset, collate, self.batch_fn, indices, device, batch)
+    def _load_batch(self, dataset, collate, indices, device: torch.device, batch: Any = None, **teacher: bool):
+        return load_batch(dataset, collate, self.batch_fn, indices, device, batch, **teacher)
 
     # ----------------------------------------------------------------------------------------------- the step
 
@@ -176,11 +183,17 @@ class TGTTrainer:
         dataset, collate, cache_z, cache_t, fetch = data
         loaded = []
         for micro, idx, start, _ in batches:
-            x, y = self._load_batch(dataset, collate, idx, device, None if fetch is None else fetch())
-            loaded.append((micro, idx, start, x, y))
+            batch = None if fetch is None else fetch()
+            if self._batch_teacher:
+                x, y, tb = self._load_batch(dataset, collate, idx, device, batch, teacher=True)
+                if tb is None:
+                    raise missing_teacher_error(step)
+            else:
+                (x, y), tb = self._load_batch(dataset, collate, idx, device, batch), None
+            loaded.append((micro, idx, start, x, y, tb))
         # Normalisers: global counts over all accumulated micro-batches and ranks.
         n_all = sum(size for *_, size in batches)
-        n_lab_local = sum(int((y != -100).sum()) if y is not None else 0 for *_, y in loaded)
+        n_lab_local = sum(int((y != -100).sum()) if y is not None else 0 for *_, y, _ in loaded)
         counts = torch.tensor([float(n_lab_local)], dtype=torch.float64)
         distributed = self.world_size > 1
         if distributed:
@@ -193,17 +206,18 @@ class TGTTrainer:
         sums = torch.zeros(6, dtype=torch.float64, device=device)  # ce, kd, tgt, correct, examples, queries
         if c.active_pool > 1 and exploring and c.w_tgt > 0:
             self._correctness.refit_if_due(self.student, step, c.active_refit_every)
-        for j, (micro, idx, start, x, y) in enumerate(loaded):
+        for j, (micro, idx, start, x, y, tb) in enumerate(loaded):
             queries = 0
-            if cache_t is not None:
-                ii = torch.as_tensor(idx, dtype=torch.long, device=device)
-                t = cache_t[ii]
-                z0 = cache_z[ii] if latent else None
-            else:
-                with torch.no_grad():
+            ii = torch.as_tensor(idx, dtype=torch.long, device=device)
+            with torch.no_grad():
+                if tb is not None:  # the batch's cached teacher
+                    t = tb
+                elif cache_t is not None:
+                    t = cache_t[ii]
+                else:
                     t = self.labeler(x).float()
-                    z0 = self.encoder(x) if latent else None
-                queries += x.shape[0]
+                    queries += x.shape[0]
+                z0 = (cache_z[ii] if cache_z is not None else self.encoder(x)) if latent else None
             nx = x.shape[0]
             if exploring and c.w_tgt > 0:
                 x_new, t_new, asked = new_samples(z0 if latent else x, nx, config=c, explore_config=self._explore_config,
@@ -380,14 +394,17 @@ class TGTTrainer:
         c = self.config
         self._to_device(device)
         self._freeze_teacher()
-        x0, y0 = self._load_batch(dataset, collate, list(range(min(2, n))), device)
-        widths = probe(self.student, self.labeler, self.encoder, self.decoder, c.exploration, x0, y0)
+        x0, y0, t0 = self._load_batch(dataset, collate, list(range(min(2, n))), device, teacher=True)
+        check_batch_teacher(t0, self.labeler, self.loss, c)
+        self._batch_teacher = t0 is not None
+        widths = probe(self.student, self.labeler, self.encoder, self.decoder, c.exploration, x0, y0, t0)
         progress_on = (self.rank == 0) and (c.progress if c.progress is not None else sys.stderr.isatty())
         # One pass over the training set: every label checked, the labelled ones marked, the teacher cached
         # (before anything is written).
         cache_z, cache_t, labelled = scan_training_set(
             dataset, collate, self.batch_fn, device, labeler=self.labeler, encoder=self.encoder, widths=widths,
             explore=c.exploration in ("random", "gradient"), cache=c.cache_teacher, check_labels=y0 is not None,
+            label=not self._batch_teacher,
             batch_size=c.batch_size, rank=self.rank, world_size=self.world_size, show_progress=progress_on)
         plan = make_plan(c, n, labelled, isinstance(dataset, Joined), self.rank, self.world_size)
         self.reliability = imperfect.resolve(c, self.reliability, self.labeler, val, self.batch_fn, device,
