@@ -12,6 +12,36 @@ from tgtfast import demo
 
 ROWS = [("onehot", "-")] + [(m, lo) for m in ("kd", "real-unlabelled", "input-noise", "tgt-random", "tgt-gradient")
                             for lo in ("kl", "ptloss")]
+WEAK_ROWS = [("kd", "kl"), ("kd", "ptloss"), ("weighted", "kl"), ("slam", "kl"), ("active", "kl")]
+
+
+def _block(lines, start, rows):
+    """The rows of the first table block at or after line ``start``."""
+    header = next(i for i in range(start, len(lines)) if lines[i].startswith("method"))
+    assert lines[header - 1] == "n = 20 labelled examples"
+    assert lines[header].split() == ["method", "loss", "accuracy", "%", "Δ", "kd", "(points)", "ECE", "%", "NLL"]
+    body = lines[header + 2: header + 2 + len(rows)]
+    assert [tuple(line.split()[:2]) for line in body] == rows
+    return body
+
+
+def _check_cells(body, rows, run, base_of):
+    """Each printed row against its run (one seed): accuracy, the difference to its baseline row computed from the
+    runs themselves, ECE, NLL."""
+    for line, key in zip(body, rows):
+        cells = line.split()
+        r = run[key]
+        assert float(cells[2]) == pytest.approx(100 * r["test_accuracy"], abs=0.051) and cells[3:5] == ["±", "0.0"]
+        base = base_of(key)
+        if base is None:
+            assert cells[5] == "-"
+            rest = cells[6:]
+        else:
+            assert float(cells[5]) == pytest.approx(100 * (r["test_accuracy"] - run[base]["test_accuracy"]),
+                                                    abs=0.051)
+            rest = cells[8:]
+        assert float(rest[0]) == pytest.approx(100 * r["test_ece"], abs=0.051)
+        assert float(rest[3]) == pytest.approx(r["test_nll"], abs=0.00051)
 
 
 def _cli(*args, timeout=240):
@@ -42,26 +72,9 @@ def quick_run(tmp_path_factory, cache_dir):
 def test_quick_cli_prints_table_and_writes_json_and_png(quick_run):
     proc, out, result = quick_run
     lines = proc.stdout.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("method"))
-    assert lines[header - 1] == "n = 20 labelled examples"
-    assert lines[header].split() == ["method", "loss", "accuracy", "%", "Δ", "kd", "(points)", "ECE", "%", "NLL"]
-    body = lines[header + 2: header + 2 + len(ROWS)]
-    assert [tuple(line.split()[:2]) for line in body] == ROWS
+    body = _block(lines, 0, ROWS)
     run = {(r["method"], r["loss"]): r for r in result["runs"]}
-    for line, (method, loss) in zip(body, ROWS):
-        cells = line.split()
-        r = run[(method, loss)]
-        # accuracy, then the difference to kd with the same loss (from the runs themselves), ECE, NLL; one seed
-        assert float(cells[2]) == pytest.approx(100 * r["test_accuracy"], abs=0.051) and cells[3:5] == ["±", "0.0"]
-        if method == "kd":
-            assert cells[5] == "-"
-            rest = cells[6:]
-        else:
-            base = run[("kd", "kl" if loss == "-" else loss)]["test_accuracy"]
-            assert float(cells[5]) == pytest.approx(100 * (r["test_accuracy"] - base), abs=0.051)
-            rest = cells[8:]
-        assert float(rest[0]) == pytest.approx(100 * r["test_ece"], abs=0.051)
-        assert float(rest[3]) == pytest.approx(r["test_nll"], abs=0.00051)
+    _check_cells(body, ROWS, run, lambda key: None if key[0] == "kd" else ("kd", "kl" if key[1] == "-" else key[1]))
     teacher = result["teacher"]
     assert f"accuracy {100 * teacher['labeler_test_accuracy']:.1f} %, ECE {100 * teacher['labeler_test_ece']:.1f} %" \
         in proc.stdout
@@ -77,6 +90,32 @@ def test_quick_cli_prints_table_and_writes_json_and_png(quick_run):
     assert result["teacher"]["from_cache"] is False
     coeffs = torch.tensor(result["proxy_teacher"]["coeffs"])
     assert coeffs.shape == (5, 10) and result["proxy_teacher"]["deviation"] <= result["proxy_teacher"]["kl_deviation"]
+
+
+def test_quick_cli_second_regime_overconfident_teacher(quick_run, cache_dir):
+    proc, out, result = quick_run
+    weak = result["weak_regime"]
+    lines = proc.stdout.splitlines()
+    body = _block(lines, next(i for i, line in enumerate(lines) if line.startswith("Second regime")), WEAK_ROWS)
+    # the temperature: KL's best mean validation accuracy over {1, 2, 4}, recomputed from the runs
+    kl = [r for r in weak["runs"] if (r["method"], r["loss"]) == ("kd", "kl")]
+    assert sorted(r["temperature"] for r in kl) == [1.0, 2.0, 4.0]
+    val = {r["temperature"]: r["val_accuracy"] for r in kl}
+    best = max(val, key=lambda t: (val[t], -t))
+    assert weak["temperature"] == best and f"temperature T = {best:g} for every row" in proc.stdout
+    assert {r["temperature"] for r in weak["runs"] if (r["method"], r["loss"]) != ("kd", "kl")} == {best}
+    run = {(r["method"], r["loss"]): r for r in weak["runs"] if r["temperature"] == best}
+    _check_cells(body, WEAK_ROWS, run, lambda key: None if key == ("kd", "kl") else ("kd", "kl"))
+    # the teacher: few labels, worse than the strong one, more confident than accurate; printed and cached apart
+    t = weak["teacher"]
+    assert t["labels"] == 50 and t["labeler_test_accuracy"] < result["teacher"]["labeler_test_accuracy"] - 0.05
+    assert t["labeler_val_mean_confidence"] > t["labeler_val_accuracy"]
+    assert f"test accuracy {100 * t['labeler_test_accuracy']:.1f} %, ECE {100 * t['labeler_test_ece']:.1f} %" \
+        in proc.stdout
+    assert os.path.basename(t["cache_file"]).startswith("weak-teacher-") and os.path.exists(t["cache_file"])
+    assert weak["proxy_teacher"]["temperature"] == best
+    assert torch.tensor(weak["proxy_teacher"]["coeffs"]).shape == (5, 10)
+    assert weak["table"] in proc.stdout and result["config"]["reliability_bins"] * 25 <= result["splits"]["val"]
 
 
 def test_quick_run_learns(quick_run):
@@ -96,7 +135,7 @@ def test_second_run_reuses_cached_teacher_in_parallel_workers(quick_run, cache_d
     proc = _cli("--budgets", "10", "--seeds", "0", "1", "--methods", "onehot", "kd", "--losses", "kl",
                 "--steps", "20", "--jobs", "2", "--out", str(tmp_path), "--cache-dir", cache_dir, "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "loaded from cache" in proc.stdout
+    assert "teacher: loaded from cache" in proc.stdout and "weak teacher: loaded from cache" in proc.stdout
     with open(tmp_path / "results.json") as fh:
         result = json.load(fh)
     assert result["teacher"]["from_cache"] is True
@@ -105,6 +144,11 @@ def test_second_run_reuses_cached_teacher_in_parallel_workers(quick_run, cache_d
     assert sorted((r["method"], r["seed"]) for r in result["runs"]) == [("kd", 0), ("kd", 1), ("onehot", 0),
                                                                          ("onehot", 1)]
     assert result["proxy_teacher"] == {}  # no PTLoss row asked for, no coefficient search
+    # the second regime through the process pool: its other rows submitted once its KL runs were in
+    weak = result["weak_regime"]
+    assert weak["teacher"]["from_cache"] is True
+    assert sorted((r["method"], r["loss"], r["temperature"]) for r in weak["runs"] if r["seed"] == 0) == sorted(
+        [("kd", "kl", t) for t in (1.0, 2.0, 4.0)] + [(m, lo, weak["temperature"]) for m, lo in WEAK_ROWS[1:]])
     # the JSON summary agrees with the runs
     for s in result["summary"]:
         accs = [r["test_accuracy"] for r in result["runs"] if r["method"] == s["method"]]

@@ -30,19 +30,25 @@ _non_negative_int = _int_at_least(0, "an integer >= 0")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``tgtfast demo [--quick] [--seeds 0 1 2] [--budgets 20 50 100] [--out DIR] [--cache-dir DIR] ...``"""
     from tgtfast.demo import LOSSES, METHODS, DemoConfig, run_demo
+    from tgtfast.demo.config import REGIMES
 
     ap = argparse.ArgumentParser(
         prog="tgtfast demo",
         description="Teacher Guided Training with few labels on scikit-learn's digits: trains (or loads) the "
                     "teacher, trains students by one-hot training, distillation, TGT random and TGT gradient with "
-                    "KL and PTLoss, prints a table and writes results.json and results.png.")
-    ap.add_argument("--quick", action="store_true", help="small run: budget 20, 2 seeds, fewer steps")
+                    "KL and PTLoss; then, with an overconfident teacher trained on few labels, compares weighted "
+                    "distillation, SLaM, robust active selection and PTLoss with KL at a temperature picked on "
+                    "validation; prints the tables and writes results.json and results.png.")
+    ap.add_argument("--quick", action="store_true", help="small run: budget 20, 3 seeds, fewer steps")
     ap.add_argument("--seeds", type=_non_negative_int, nargs="+", help="student seeds (default 0 1 2)")
     ap.add_argument("--budgets", type=_positive_int, nargs="+",
                     help="labelled examples per student run, in total, stratified (default 20 50 100)")
     ap.add_argument("--methods", nargs="+", choices=METHODS, help=f"default: all of {' '.join(METHODS)}")
     ap.add_argument("--losses", nargs="+", choices=LOSSES, help="distillation losses (default kl ptloss)")
     ap.add_argument("--steps", type=_positive_int, help="optimiser steps per student")
+    ap.add_argument("--regimes", nargs="+", choices=REGIMES,
+                    help="strong: the teacher trained on every label; weak: the overconfident teacher trained on few "
+                         "labels (default: both)")
     ap.add_argument("--out", default="tgtfast-demo", help="directory for results.json and results.png")
     ap.add_argument("--cache-dir", default=None,
                     help="teacher checkpoint cache (default ~/.cache/tgtfast/demo, or $XDG_CACHE_HOME/tgtfast/demo)")
@@ -53,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
     overrides: Dict[str, Any] = {}
-    for name in ("seeds", "budgets", "methods", "losses"):
+    for name in ("seeds", "budgets", "methods", "losses", "regimes"):
         v = getattr(args, name)
         if v is not None:
             overrides[name] = tuple(dict.fromkeys(v))

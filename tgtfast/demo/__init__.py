@@ -27,6 +27,14 @@ What it does (no download: the 8x8 digits ship with scikit-learn):
 5. Prints, per label budget, test accuracy, its paired difference to ``kd`` (same seed, same labelled subset, same
    initial student), ECE and NLL (mean and standard deviation over seeds; the teacher's beside them) and writes
    ``results.json`` and ``results.png`` to ``--out``.
+6. Second regime (``--regimes weak``, on by default): an overconfident teacher, the labeler trained on 50 labels
+   only (its test accuracy, ECE and mean confidence printed), cached under its own key. Its students
+   (``weak_budgets`` labels) distil on their labelled inputs and on TGT random samples; rows: KL at the
+   temperature in {1, 2, 4} of the best validation accuracy (``kd``), PTLoss with the Proxy Teacher's
+   coefficients from the weak teacher's validation logits, weighted distillation, SLaM and robust active selection
+   (:class:`tgtfast.TGTTrainer`'s ``imperfect`` and ``active_pool``, the reliability fitted on the validation
+   split), each with its paired difference to that ``kd``, in a second table block, ``results.json``
+   (``weak_regime``) and a second row of ``results.png``.
 
 Every hyper-parameter is fixed in :class:`DemoConfig` before any student is trained (the values were checked on
 the validation split only); the test split is used for the reported numbers and nothing else.

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from tgtfast.demo.config import LOSSES, METHODS, NUM_CLASSES, NUM_PIXELS, DemoConfig
+from tgtfast.demo.config import LOSSES, METHODS, NUM_CLASSES, NUM_PIXELS, WEAK_METHODS, WEAK_ROWS, DemoConfig
 from tgtfast.demo.models import mlp
 from tgtfast.demo.teacher import Teacher
 
@@ -76,8 +76,41 @@ def train_student(method: str, loss: str, x: torch.Tensor, y: torch.Tensor, teac
     return student.eval()
 
 
-def rows(cfg: DemoConfig) -> List[Tuple[str, str]]:
-    """The table's rows: ``("onehot", "-")`` and every other method with every loss."""
+def train_weak_student(method: str, loss: str, x: torch.Tensor, y: torch.Tensor, teacher: Teacher,
+                       cfg: DemoConfig, seed: int, *, temperature: float, val: Tuple[torch.Tensor, torch.Tensor],
+                       coeffs: Optional[torch.Tensor] = None) -> nn.Sequential:
+    """A student of the second regime (``teacher``: the overconfident labeler with the shared VAE): CE on the
+    labelled ``(x, y)`` plus distillation at ``temperature`` on them and on TGT random samples (``S`` per example
+    and step, as in the first regime), by ``method``: ``kd`` (plain, with ``loss`` ``"kl"`` or ``"ptloss"``),
+    ``weighted`` / ``slam`` (:class:`tgtfast.TGTTrainer`'s ``imperfect`` option) or ``active``
+    (``active_pool``); the teacher's reliability is fitted on ``val``."""
+    import tgtfast
+
+    if method not in WEAK_METHODS or (method, loss) not in WEAK_ROWS:
+        raise ValueError(f"(method, loss) must be one of {WEAK_ROWS}, got {(method, loss)!r}")
+    if loss == "ptloss" and coeffs is None:
+        raise ValueError("loss='ptloss' needs coeffs (e.g. from tgtfast.search_coefficients)")
+    torch.manual_seed(seed)
+    student = mlp([NUM_PIXELS, cfg.student_hidden, NUM_CLASSES])
+    n = len(y)
+    config = tgtfast.TGTConfig(
+        w_ce=cfg.w_ce, w_kd=cfg.w_kd, w_tgt=cfg.w_tgt, exploration="random", batch_size=n, sigma=cfg.sigma,
+        samples_per_example=samples_per_example(cfg, n), max_steps=cfg.steps, optimizer="adam", lr=cfg.lr,
+        weight_decay=cfg.weight_decay, seed=seed, device="cpu", out_dir=None, progress=False, plot=False,
+        imperfect=method if method in ("weighted", "slam") else "none",
+        active_pool=cfg.active_pool if method == "active" else 1, reliability_bins=cfg.reliability_bins,
+    )
+    trainer = tgtfast.TGTTrainer(student, teacher.labeler, decoder=teacher.vae.decoder, encoder=teacher.vae.encoder,
+                                 loss=_distill_loss(loss, coeffs, temperature), config=config)
+    trainer.fit((x, y), val=val if method in ("weighted", "slam", "active") else None)
+    return student.eval()
+
+
+def rows(cfg: DemoConfig, regime: str = "strong") -> List[Tuple[str, str]]:
+    """The table's rows of a regime: for ``"strong"``, ``("onehot", "-")`` and every other method with every
+    loss; for ``"weak"``, :data:`~tgtfast.demo.config.WEAK_ROWS`."""
+    if regime == "weak":
+        return list(WEAK_ROWS)
     out: List[Tuple[str, str]] = []
     for m in cfg.methods:
         if m == "onehot":
@@ -87,8 +120,24 @@ def rows(cfg: DemoConfig) -> List[Tuple[str, str]]:
     return out
 
 
-def _jobs(cfg: DemoConfig) -> List[Tuple[str, str, int, int]]:
-    # the slow TGT runs first, so that the parallel workers finish together
+def _jobs(cfg: DemoConfig) -> List[Dict[str, Any]]:
+    """The first regime's runs, and the second regime's KL runs at every candidate temperature (its other rows
+    wait for the temperature picked from these); the slow ones first, so that the workers finish together."""
     cost = {"tgt-gradient": 0, "tgt-random": 1, "real-unlabelled": 2, "input-noise": 2, "kd": 3, "onehot": 4}
-    jobs = [(m, lo, b, s) for (m, lo) in rows(cfg) for b in cfg.budgets for s in cfg.seeds]
-    return sorted(jobs, key=lambda j: (cost[j[0]], -j[2]))
+    jobs: List[Dict[str, Any]] = []
+    if "weak" in cfg.regimes:
+        jobs += [dict(regime="weak", method="kd", loss="kl", budget=b, seed=s, temperature=float(t))
+                 for t in cfg.weak_temperatures for b in cfg.weak_budgets for s in cfg.seeds]
+    if "strong" in cfg.regimes:
+        strong = [dict(regime="strong", method=m, loss=lo, budget=b, seed=s, temperature=cfg.temperature)
+                  for (m, lo) in rows(cfg) for b in cfg.budgets for s in cfg.seeds]
+        jobs += sorted(strong, key=lambda j: (cost[j["method"]], -j["budget"]))
+    return jobs
+
+
+def weak_jobs(cfg: DemoConfig, temperature: float) -> List[Dict[str, Any]]:
+    """The second regime's rows other than its KL runs, at the picked ``temperature`` (active first: slowest)."""
+    order = {"active": 0, "slam": 1, "weighted": 1, "kd": 2}
+    jobs = [dict(regime="weak", method=m, loss=lo, budget=b, seed=s, temperature=temperature)
+            for (m, lo) in WEAK_ROWS if (m, lo) != ("kd", "kl") for b in cfg.weak_budgets for s in cfg.seeds]
+    return sorted(jobs, key=lambda j: order[j["method"]])

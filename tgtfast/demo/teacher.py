@@ -111,13 +111,27 @@ def _atomic_torch_save(obj: Any, path: str) -> None:
 
 
 def _build_teacher(cfg: DemoConfig, state: Dict[str, Any]) -> Tuple[nn.Sequential, TeacherVAE]:
-    labeler = mlp([NUM_PIXELS, *cfg.labeler_hidden, NUM_CLASSES])
-    labeler.load_state_dict(state["labeler"])
+    labeler = build_labeler(cfg, state["labeler"])
     vae = TeacherVAE(cfg.vae_hidden, cfg.vae_latent)
     vae.load_state_dict(state["vae"])
-    for m in (labeler, vae):
-        m.eval().requires_grad_(False)
+    vae.eval().requires_grad_(False)
     return labeler, vae
+
+
+def _load_state(path: str, key: Dict[str, Any], what: str, log) -> Optional[Dict[str, Any]]:
+    """The state saved at ``path`` for ``key`` (weights only), or None (absent; unreadable, refused or written for
+    other settings: reported through ``log``, to be retrained and rewritten)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and state.get("key") == json.loads(json.dumps(key)):
+            log(f"{what}: loaded from cache {path}")
+            return state
+        log(f"{what}: warning: cache file {path} was written for other settings; retraining and rewriting it")
+    except Exception as exc:  # damaged, foreign or refused by the weights-only unpickler: replaced, never run
+        log(f"{what}: warning: cache file {path} unreadable ({type(exc).__name__}); retraining and rewriting it")
+    return None
 
 
 def load_or_train_teacher(cfg: DemoConfig, splits: DigitsSplits, cache_dir: Optional[str] = None, *,
@@ -131,16 +145,10 @@ def load_or_train_teacher(cfg: DemoConfig, splits: DigitsSplits, cache_dir: Opti
     ``log`` (a line starting ``teacher: warning:``) and replaced by a freshly trained teacher."""
     cache_dir = default_cache_dir() if cache_dir is None else os.fspath(cache_dir)
     path = os.path.join(cache_dir, f"teacher-{cfg.teacher_hash()}.pt")
-    if use_cache and os.path.exists(path):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and state.get("key") == json.loads(json.dumps(cfg.teacher_key())):
-                labeler, vae = _build_teacher(cfg, state)
-                log(f"teacher: loaded from cache {path}")
-                return Teacher(labeler, vae, teacher_metrics(labeler, vae, splits), path, True)
-            log(f"teacher: warning: cache file {path} was written for other settings; retraining and rewriting it")
-        except Exception as exc:  # damaged, foreign or refused by the weights-only unpickler: replaced, never run
-            log(f"teacher: warning: cache file {path} unreadable ({type(exc).__name__}); retraining and rewriting it")
+    state = _load_state(path, cfg.teacher_key(), "teacher", log) if use_cache else None
+    if state is not None:
+        labeler, vae = _build_teacher(cfg, state)
+        return Teacher(labeler, vae, teacher_metrics(labeler, vae, splits), path, True)
     t0 = time.perf_counter()
     labeler = train_labeler(splits, cfg)
     vae = train_vae(splits, cfg)
@@ -152,3 +160,70 @@ def load_or_train_teacher(cfg: DemoConfig, splits: DigitsSplits, cache_dir: Opti
     for m in (labeler, vae):
         m.requires_grad_(False)
     return Teacher(labeler, vae, teacher_metrics(labeler, vae, splits), path if use_cache else None, False)
+
+
+# ----------------------------------------------------------------------------------------------- second regime
+
+
+def train_weak_labeler(splits: DigitsSplits, cfg: DemoConfig) -> nn.Sequential:
+    """The second regime's labeler: the labeler's architecture trained on ``cfg.weak_teacher_labels`` stratified
+    labels of teacher-train, full batch, ``cfg.weak_labeler_epochs`` steps, no weight decay (it fits them
+    exactly and is overconfident elsewhere)."""
+    from tgtfast.demo.data import few_label_subset
+
+    idx = few_label_subset(splits.y_train, cfg.weak_teacher_labels, cfg.split_seed)
+    x, y = splits.x_train[idx], splits.y_train[idx]
+    torch.manual_seed(cfg.split_seed + 2)
+    net = mlp([NUM_PIXELS, *cfg.labeler_hidden, NUM_CLASSES])
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.weak_labeler_lr, weight_decay=0.0)
+    for _ in range(cfg.weak_labeler_epochs):
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def weak_teacher_metrics(labeler: nn.Module, splits: DigitsSplits) -> Dict[str, float]:
+    """The second regime's labeler on validation and test: accuracy, ECE, NLL and mean confidence."""
+    from tgtfast.metrics import classification_metrics
+
+    out: Dict[str, float] = {}
+    for split in ("val", "test"):
+        logits = labeler(getattr(splits, f"x_{split}"))
+        m = classification_metrics(logits, getattr(splits, f"y_{split}"))
+        out.update({f"labeler_{split}_accuracy": m["accuracy"], f"labeler_{split}_ece": m["ece"],
+                    f"labeler_{split}_nll": m["nll"],
+                    f"labeler_{split}_mean_confidence": float(torch.softmax(logits, -1).max(-1).values.mean())})
+    return out
+
+
+def build_labeler(cfg: DemoConfig, state: Dict[str, Any]) -> nn.Sequential:
+    """A frozen labeler of ``cfg``'s architecture with the weights ``state``."""
+    labeler = mlp([NUM_PIXELS, *cfg.labeler_hidden, NUM_CLASSES])
+    labeler.load_state_dict(state)
+    return labeler.eval().requires_grad_(False)
+
+
+def load_or_train_weak_labeler(cfg: DemoConfig, splits: DigitsSplits, cache_dir: Optional[str] = None, *,
+                               use_cache: bool = True, log=print) -> Tuple[nn.Sequential, Dict[str, Any]]:
+    """The second regime's labeler and its metrics (with ``cache_file`` and ``from_cache``), cached like the
+    teacher under its own key: ``cache_dir/weak-teacher-<hash>.pt``."""
+    cache_dir = default_cache_dir() if cache_dir is None else os.fspath(cache_dir)
+    path = os.path.join(cache_dir, f"weak-teacher-{cfg.weak_teacher_hash()}.pt")
+    state = _load_state(path, cfg.weak_teacher_key(), "weak teacher", log) if use_cache else None
+    from_cache = state is not None
+    if state is None:
+        t0 = time.perf_counter()
+        labeler = train_weak_labeler(splits, cfg)
+        log(f"weak teacher: trained on {cfg.weak_teacher_labels} labels in {time.perf_counter() - t0:.1f} s")
+        state = {"key": cfg.weak_teacher_key(), "labeler": labeler.state_dict()}
+        if use_cache:
+            _atomic_torch_save(state, path)
+            log(f"weak teacher: cached at {path}")
+    labeler = build_labeler(cfg, state["labeler"])
+    info: Dict[str, Any] = {**weak_teacher_metrics(labeler, splits), "labels": cfg.weak_teacher_labels,
+                            "cache_file": path if use_cache else None, "from_cache": from_cache,
+                            "key": cfg.weak_teacher_hash()}
+    return labeler, info
