@@ -1,6 +1,6 @@
 """tgtfast.imperfect: the teacher-reliability estimate, weighted distillation, SLaM and robust active selection,
 each against an independent computation (scikit-learn's isotonic regression, hand-written formulas, the eager
-reference, a linear programme's closed form) and on synthetic teachers where the right answer is known."""
+reference, the linear programme solved by scipy and its closed form) and on synthetic teachers where the right answer is known."""
 
 import math
 
@@ -318,6 +318,31 @@ def test_robust_probabilities_beat_random_feasible_ones():
         if r.max() <= 1:
             assert _worst_case(r, g, q) <= value + 1e-7
     assert pi[:10].sum() > pi[20:].sum()  # the group the teacher labels best gets more queries
+
+
+def test_fast_solver_reaches_the_linear_programme_s_value():
+    """The bisection on the budget's price against the game solved as one LP (scipy's HiGHS): one group, level
+    sets, one point per group, ties and zero informativeness; the same worst-case value, a feasible pi."""
+    pytest.importorskip("scipy")
+    from tgtfast.imperfect import active as A
+
+    rng = np.random.default_rng(5)
+    for trial in range(120):
+        n = int(rng.integers(2, 30))
+        g = rng.random(n) * (3.0 if trial % 2 else 1.0)
+        if trial % 5 == 0:
+            g = np.round(g, 1)  # ties
+        if trial % 7 == 0:
+            g[rng.random(n) < 0.3] = 0.0
+        if g.max() == 0:
+            continue
+        kind = trial % 3
+        q = np.full(n, rng.random()) if kind == 0 else (np.round(rng.random(n) * 3) / 3 if kind == 1
+                                                       else rng.random(n))
+        budget = int(rng.integers(1, n))
+        fast, lp = A._max_min_probabilities(g, q, budget), A._lp_probabilities(g, q, budget)
+        assert fast.sum() == pytest.approx(budget, abs=1e-9) and fast.min() >= -1e-12 and fast.max() <= 1 + 1e-12
+        assert _worst_case(fast, g, q) == pytest.approx(_worst_case(lp, g, q), rel=1e-9, abs=1e-12)
 
 
 def test_distinct_correctness_takes_the_best_expected_gain():

@@ -14,9 +14,10 @@ With one group (only the teacher's overall accuracy known) this is the paper's s
 teacher's mistakes where they hurt most, and the optimum spreads the queries over the top-informative points with
 ``pi_i`` proportional to ``1 / g_i`` rather than taking the most informative ones, whose labels it could all spoil.
 With a distinct ``q_i`` per point every group is one point and the optimum takes the largest ``g_i q_i``. The inner
-minimum is dualised (``lambda_b`` per group, ``mu_i`` per point) and the whole is one linear programme, solved with
-scipy's HiGHS; the chosen set is then drawn with exactly these inclusion probabilities (systematic sampling in a
-random order).
+minimum is dualised (``lambda_b`` per group, ``mu_i`` per point) and the whole is one linear programme, solved
+exactly by a bisection on the budget's price (:func:`_max_min_probabilities`, ``O(n log n)``; the programme through
+scipy's HiGHS, :func:`_lp_probabilities`, is what it is tested against); the chosen set is then drawn with exactly
+these inclusion probabilities (systematic sampling in a random order).
 """
 
 from __future__ import annotations
@@ -90,12 +91,83 @@ def robust_query_probabilities(student_scores: torch.Tensor, correctness_prob: U
                          f"choose from; lower the budget or offer more candidates")
     if budget == 0 or budget == n:
         return torch.full((n,), float(budget > 0), dtype=torch.float64)
+    return torch.from_numpy(_exact_budget(_max_min_probabilities(g, q, budget), budget))
+
+
+def _groups(q: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Group index of each point (equal ``q``) and each group's expected mistakes ``m_b = sum (1 - q_i)``."""
+    values, group = np.unique(q, return_inverse=True)
+    return group, np.bincount(group, weights=1 - q, minlength=values.size)
+
+
+def _lagrangian_probabilities(g: np.ndarray, group: np.ndarray, m: np.ndarray, order: np.ndarray,
+                              starts: np.ndarray, mu: float) -> np.ndarray:
+    """The maximiser of the game's Lagrangian at the budget price ``mu`` (see :func:`_max_min_probabilities`)."""
+    gs, gr = g[order], group[order]  # by group, most informative first within a group
+    active = gs > mu
+    c = np.where(active, 1.0 - mu / np.where(active, gs, 1.0), 0.0)
+    total = np.cumsum(c)
+    seg = total - (total[starts] - c[starts])[gr]
+    within = active & (seg <= m[gr] * (1 + 1e-12) + 1e-15)
+    count = np.bincount(gr, weights=within.astype(np.float64), minlength=m.size).astype(np.int64)
+    n_active = np.bincount(gr, weights=active.astype(np.float64), minlength=m.size).astype(np.int64)
+    lam = np.where(count < n_active, gs[np.minimum(starts + count, gs.size - 1)], 0.0)
+    pi_sorted = np.where(active, np.minimum(1.0, lam[gr] / np.where(active, gs, 1.0)), 0.0)
+    pi = np.empty_like(pi_sorted)
+    pi[order] = pi_sorted
+    return pi
+
+
+def _max_min_probabilities(g: np.ndarray, q: np.ndarray, budget: int) -> np.ndarray:
+    """Exact solution of the game, in ``O(n log n)`` per price and a bisection on the price.
+
+    With ``a_i = pi_i g_i`` the adversary removes the ``m_b`` largest ``a_i`` of each group, so the learner maximises
+    ``sum_b max_{lambda_b >= 0} [sum_{i in b} min(a_i, lambda_b) - m_b lambda_b]`` over ``sum pi = budget``,
+    ``0 <= pi <= 1``. With a price ``mu`` on the budget the groups separate: a point with ``g_i > mu`` is worth
+    ``min(1, lambda_b / g_i) (g_i - mu)``, and the best ``lambda_b`` is the ``(j + 1)``-th largest ``g`` of the group,
+    ``j`` the most points whose ``sum (1 - mu / g_i)`` stays within ``m_b`` (0 when all of them do); then
+    ``pi_i = min(1, lambda_b / g_i)``. The total falls as ``mu`` rises; a bisection finds the price where it crosses
+    the budget, and the two maximisers on either side of it are mixed to spend the budget exactly (both maximise
+    the Lagrangian there, so the mixture is optimal)."""
+    group, m = _groups(q)
+    order = np.lexsort((-g, group))
+    starts = np.searchsorted(group[order], np.arange(m.size))
+    at = lambda mu: _lagrangian_probabilities(g, group, m, order, starts, mu)  # noqa: E731
+    lo, hi = 0.0, float(g.max())
+    pi_lo, pi_hi = at(lo), np.zeros_like(g)
+    if pi_lo.sum() <= budget:  # even at price 0 the budget is not spent: the rest adds no value; fill it
+        return _fill(pi_lo, budget)
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if not lo < mid < hi:
+            break
+        pi_mid = at(mid)
+        if pi_mid.sum() >= budget:
+            lo, pi_lo = mid, pi_mid
+        else:
+            hi, pi_hi = mid, pi_mid
+    s_lo, s_hi = pi_lo.sum(), pi_hi.sum()
+    theta = 1.0 if s_lo == s_hi else (budget - s_hi) / (s_lo - s_hi)
+    return theta * pi_lo + (1.0 - theta) * pi_hi
+
+
+def _fill(pi: np.ndarray, budget: int) -> np.ndarray:
+    """Raise the probabilities in proportion to their room until they sum to the budget (at price 0 the budget left
+    over adds no value, wherever it goes)."""
+    room = 1.0 - pi
+    gap = budget - pi.sum()
+    return pi + room * (gap / room.sum()) if gap > 0 else pi
+
+
+def _lp_probabilities(g: np.ndarray, q: np.ndarray, budget: int) -> np.ndarray:
+    """The same game as one linear programme (scipy's HiGHS): the specification the fast solver is tested
+    against."""
     from scipy import sparse
     from scipy.optimize import linprog
 
-    values, group = np.unique(q, return_inverse=True)
-    m = np.bincount(group, weights=1 - q, minlength=values.size)  # expected mistakes per group
-    G = values.size
+    n = g.size
+    group, m = _groups(q)
+    G = m.size
     # variables: pi (n), mu (n), lambda (G); minimise -sum g pi + sum mu + sum m lambda
     cost = np.concatenate([-g, np.ones(n), m])
     rows = np.arange(n)
@@ -109,7 +181,7 @@ def robust_query_probabilities(student_scores: torch.Tensor, correctness_prob: U
                   method="highs")
     if res.status != 0:  # the programme is always feasible and bounded; a solver failure is not the caller's
         raise RuntimeError(f"the robust selection programme did not solve: {res.message}")
-    return torch.from_numpy(_exact_budget(res.x[:n], budget))
+    return res.x[:n]
 
 
 def _exact_budget(pi: np.ndarray, budget: int) -> np.ndarray:
