@@ -314,3 +314,43 @@ def test_evaluate_logs_the_eager_losses(tmp_path):
     assert math.isclose(metrics["eval_kd_loss"], float(kd), rel_tol=1e-5)
     assert math.isclose(metrics["eval_loss"], float(both), rel_tol=1e-5)
     assert math.isclose(metrics["eval_loss"], metrics["eval_kd_loss"] + 2 * metrics["eval_ce_loss"], rel_tol=1e-5)
+
+
+def test_taid_schedule_moves_t_and_survives_resume(tmp_path):
+    from tgtfast import TAIDSchedule
+
+    data = H.examples(8)
+    targs = dict(max_steps=4, optim="adamw_torch", learning_rate=1e-2, logging_steps=1)
+    sched = dict(total_steps=4, t_start=0.2, t_end=0.9, alpha=0.3, beta=0.5)
+    student, teacher = H.llama(seed=0), H.llama(seed=1)
+    tr = _trainer(tmp_path / "a", student, teacher, data, targs=targs, divergence="taid",
+                  taid_schedule=TAIDSchedule(**sched))
+    assert tr.divergence_params["t"] == pytest.approx(0.2)
+    tr.train()
+    # the logged per-step divergence is the loss the schedule took: replay it by hand
+    losses = [e["kd_loss"] for e in tr.state.log_history if "kd_loss" in e]
+    assert len(losses) == 4
+    replay = TAIDSchedule(**sched)
+    for j in losses:
+        replay.step(j)
+    assert tr.taid_schedule.t == pytest.approx(replay.t, rel=1e-6) and tr.divergence_params["t"] == tr.taid_schedule.t
+    assert 0.2 < tr.taid_schedule.t <= 0.9
+    full, t_full = _params(student), tr.taid_schedule.t
+
+    student, teacher = H.llama(seed=0), H.llama(seed=1)
+    _trainer(tmp_path / "b", student, teacher, data, divergence="taid", taid_schedule=TAIDSchedule(**sched),
+             targs=dict(targs, max_steps=2, save_strategy="steps", save_steps=2)).train()
+    ckpt = tmp_path / "b" / "out" / "checkpoint-2"
+    assert (ckpt / "taid_schedule.json").is_file()
+    student, teacher = H.llama(seed=0), H.llama(seed=1)
+    resumed = _trainer(tmp_path / "b", student, teacher, data, targs=targs, divergence="taid",
+                       taid_schedule=TAIDSchedule(**sched))
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.taid_schedule.t == pytest.approx(t_full, rel=1e-6)
+    for n, p in _params(student).items():
+        torch.testing.assert_close(p, full[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+    with pytest.raises(ValueError, match="needs divergence='taid'"):
+        _trainer(tmp_path, student, teacher, data, divergence="jsd", taid_schedule=TAIDSchedule(**sched))
+    with pytest.raises(ValueError, match="both directly and by taid_schedule"):
+        _trainer(tmp_path, student, teacher, data, divergence="taid", t=0.5, taid_schedule=TAIDSchedule(**sched))

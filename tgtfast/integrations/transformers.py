@@ -35,8 +35,11 @@ vocab_mismatch="error", vocab_map=None, chunk_size=None, backend=None, **trainer
 * ``divergence``: any of :data:`tgtfast.DIVERGENCES` (``forward_kl``, ``reverse_kl``, ``jsd``, ``skew_kl``,
   ``skew_reverse_kl``, ``tvd``, ``symmetric_kl``, ``ab_divergence``, ``taid``); its parameters ``beta``,
   ``alpha``, ``lam``, ``t`` as keywords or as ``divergence_kwargs={"beta": 0.5}``. An unknown name or parameter
-  is a ValueError. ``trainer.divergence_params`` may be changed by a callback during training (e.g. TAID's
-  ``t`` from a :class:`tgtfast.TAIDSchedule`).
+  is a ValueError. ``trainer.divergence_params`` may be changed by a callback during training.
+* ``taid_schedule``: a :class:`tgtfast.TAIDSchedule` (with ``divergence="taid"``) that moves TAID's ``t``: after
+  every optimiser step it takes the step's divergence per loss token (over the micro-batches and processes) and its
+  new ``t`` is used by the next step; its state is saved in each checkpoint (``taid_schedule.json``) and restored
+  by ``resume_from_checkpoint``.
 * ``temperature``: the loss temperature (both models' logits divided by it; nothing to do with sampling);
   ``t2_scaling`` multiplies the divergence by ``T**2``.
 * ``kd_weight`` / ``ce_weight``: loss = ``kd_weight * divergence + ce_weight * cross_entropy(labels)`` (the hard

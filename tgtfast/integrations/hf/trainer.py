@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from tgtfast import validation as V
 from tgtfast.integrations.hf import models as M
 from tgtfast.losses import divergence as D
 from tgtfast.losses.sparse import SparseTeacher
+from tgtfast.losses.taid import TAIDSchedule
 
 __all__ = ["DistillationTrainer", "loss_targets"]
 
@@ -82,6 +85,7 @@ class DistillationTrainer(Trainer):
         vocab_map: Any = None,
         chunk_size: Optional[int] = None,
         backend: Optional[str] = None,
+        taid_schedule: Optional[TAIDSchedule] = None,
         **kwargs: Any,
     ) -> None:
         if kwargs.get("compute_loss_func") is not None:
@@ -94,6 +98,14 @@ class DistillationTrainer(Trainer):
             if params[name] is not None:
                 raise ValueError(f"{name} is given both as a keyword and in divergence_kwargs")
             params[name] = value
+        if taid_schedule is not None:
+            if not isinstance(taid_schedule, TAIDSchedule):
+                raise TypeError(f"taid_schedule must be a tgtfast.TAIDSchedule, got {type(taid_schedule).__name__}")
+            if divergence != "taid":
+                raise ValueError(f"taid_schedule moves TAID's t: it needs divergence='taid', got {divergence!r}")
+            if params["t"] is not None:
+                raise ValueError("t is given both directly and by taid_schedule: pass one")
+            params["t"] = taid_schedule.t
         D.resolve(divergence, **params)  # unknown names and bad parameters: a ValueError naming them
         self.divergence = divergence
         self.divergence_params = {k: v for k, v in params.items() if v is not None}
@@ -124,8 +136,12 @@ class DistillationTrainer(Trainer):
             self.vocab_map = vocab_map if isinstance(vocab_map, str) else torch.as_tensor(vocab_map)
         self._mapped_teacher: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._kd_stats: Dict[str, torch.Tensor] = {}
+        self.taid_schedule = taid_schedule
+        self._taid_stats: Optional[torch.Tensor] = None  # (soft loss sum, loss tokens) of the current step
         self._redirect = M.ForwardRedirection()
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
+        if taid_schedule is not None:
+            self.add_callback(_TAIDStep(self))
         self.teacher_model = None if teacher_model is None else self._prepare_teacher(teacher_model)
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -190,7 +206,43 @@ class DistillationTrainer(Trainer):
         stats = torch.stack([(soft * denom).double().detach(), (hard * denom).double().detach(),
                              local.double()]).to(target.device)
         self._kd_stats[mode] = stats if mode not in self._kd_stats else self._kd_stats[mode] + stats
+        if mode == "train" and self.taid_schedule is not None:
+            step = stats[[0, 2]]
+            self._taid_stats = step if self._taid_stats is None else self._taid_stats + step
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    # ------------------------------------------------------------------------------------------------ TAID
+
+    def _taid_advance(self) -> None:
+        """After an optimiser step: the step's TAID objective (the divergence per loss token, over its micro-batches
+        and processes) advances the schedule, whose new ``t`` the next step's loss takes."""
+        stats, self._taid_stats = self._taid_stats, None
+        if stats is None:
+            return
+        if self.accelerator.num_processes > 1:
+            stats = self.accelerator.reduce(stats, reduction="sum")
+        if float(stats[1]) > 0:
+            self.taid_schedule.step(float(stats[0]) / float(stats[1]))
+        self.divergence_params["t"] = self.taid_schedule.t
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.taid_schedule is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            with open(os.path.join(folder, _TAID_FILE), "w") as fh:
+                json.dump(self.taid_schedule.state_dict(), fh)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.taid_schedule is None or checkpoint is None:
+            return
+        path = os.path.join(checkpoint, _TAID_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(f"{checkpoint} holds no TAID schedule state ({_TAID_FILE}): it was not written by a "
+                             "DistillationTrainer with taid_schedule; resuming would restart t")
+        with open(path) as fh:
+            self.taid_schedule.load_state_dict(json.load(fh))
+        self.divergence_params["t"] = self.taid_schedule.t
 
     def _loss(self, student: nn.Module, inputs: Mapping[str, Any], target: torch.Tensor, denom: torch.Tensor):
         """The loss and its unweighted soft and hard parts; runs as the student's forward (inside DDP/FSDP)."""
@@ -285,6 +337,19 @@ class DistillationTrainer(Trainer):
             if self.ce_weight != 0:
                 logs[prefix + "ce_loss"] = float(stats[1]) / tokens
         super().log(logs, *args, **kwargs)
+
+
+_TAID_FILE = "taid_schedule.json"
+
+
+class _TAIDStep(TrainerCallback):
+    """Advances a DistillationTrainer's TAID schedule at the end of every optimiser step."""
+
+    def __init__(self, trainer: DistillationTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._taid_advance()
 
 
 def _pair(student: Optional[float], teacher: Optional[float]):
