@@ -143,6 +143,16 @@ def same_device(name: str, x: torch.Tensor, other_name: str, device: torch.devic
         raise ValueError(f"{name} is on {x.device} but {other_name} is on {device}")
 
 
+def logits_pair(student_logits: Any, teacher_logits: Any) -> None:
+    """Student and teacher logits of one shape (at least ``[N, V]``), floating, on one device."""
+    tensor("student_logits", student_logits, floating=True, min_dim=2)
+    tensor("teacher_logits", teacher_logits, floating=True)
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} must equal student_logits shape "
+                         f"{tuple(student_logits.shape)}")
+    same_device("teacher_logits", teacher_logits, "student_logits", student_logits.device)
+
+
 def target(value: Any, lead: torch.Size, lead_of: str, device_of: str, device: torch.device,
            name: str = "target") -> torch.Tensor:
     """Integer class targets of the leading shape ``lead`` (that of ``lead_of``) on ``device`` (that of the

@@ -52,12 +52,7 @@ def _per_row(name: str, value, rows: int, device, dtype, *, integer: bool) -> to
 
 
 def _checked(student_logits, teacher_logits, alpha, k, normalize):
-    V.tensor("student_logits", student_logits, floating=True, min_dim=2)
-    V.tensor("teacher_logits", teacher_logits, floating=True)
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} must equal student_logits shape "
-                         f"{tuple(student_logits.shape)}")
-    V.same_device("teacher_logits", teacher_logits, "student_logits", student_logits.device)
+    V.logits_pair(student_logits, teacher_logits)
     classes = student_logits.shape[-1]
     rows = student_logits.numel() // max(classes, 1)
     dtype = torch.promote_types(student_logits.dtype, torch.float32)

@@ -75,12 +75,7 @@ def generalized_jsd_loss(
     contributes 0 where TRL's ``0 * inf`` gives NaN; bad arguments (an unknown reduction, which TRL treats as
     ``"none"``, ``beta`` outside ``[0, 1]``, shapes that differ) raise ``ValueError`` / ``TypeError``.
     """
-    V.tensor("student_logits", student_logits, floating=True, min_dim=2)
-    V.tensor("teacher_logits", teacher_logits, floating=True)
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} must equal student_logits shape "
-                         f"{tuple(student_logits.shape)}")
-    V.same_device("teacher_logits", teacher_logits, "student_logits", student_logits.device)
+    V.logits_pair(student_logits, teacher_logits)
     if labels is not None:
         V.target(labels, student_logits.shape[:-1], "student_logits'", "student_logits", student_logits.device,
                  name="labels")

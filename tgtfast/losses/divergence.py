@@ -428,8 +428,9 @@ def _sparse_distill_loss(student_logits, teacher: SparseTeacher, divergence, par
         s, scale_s = model_logits(s, scale_s, cap_s), None
     a_s = (1.0 if scale_s is None else scale_s) / temperature
     multiplier = temperature**2 if t2_scaling else 1.0
-    scale = row_weight(reduction, s.reshape(-1, k).shape[0], valid, num_items_in_batch)
-    rows = sparse_rows(s.reshape(-1, k), teacher, div, a_s, temperature, valid, backend, "tgtfast.distill_loss",
+    s = s.reshape(-1, k)
+    scale = row_weight(reduction, s.shape[0], valid, num_items_in_batch)
+    rows = sparse_rows(s, teacher, div, a_s, temperature, valid, backend, "tgtfast.distill_loss",
                        grad_scale=(1.0 if scale is None else scale) * multiplier)
     rows = apply_row_weights(clamp_value_min0(rows), w)
     out = reduce(rows, reduction, scale, valid, num_items_in_batch, multiplier)

@@ -101,8 +101,7 @@ class SparseTeacher:
         """Raise a ValueError naming the first bad row: an index outside ``[0, vocab_size)`` or repeated within a row,
         a NaN or positive log-probability, a row whose kept mass exceeds 1, or ``k > vocab_size``. Skipped while
         compiling. `valid` ([rows] bool) leaves ignored rows out."""
-        if self.k > vocab_size:
-            raise ValueError(f"the sparse teacher keeps k = {self.k} classes but the student has V = {vocab_size}")
+        self.check_k(vocab_size)
         if V.is_compiling():
             return
         idx = self.indices.reshape(-1, self.k)
@@ -128,6 +127,16 @@ class SparseTeacher:
             mass = torch.logsumexp(lp.float(), -1)
             first(mass > math.log1p(max(slack, 1e-5) * self.k), _STATUS[5])
 
+    def check_k(self, vocab_size: int) -> None:
+        """Raise a ValueError when the teacher keeps more classes than the student has."""
+        if self.k > vocab_size:
+            raise ValueError(f"the sparse teacher keeps k = {self.k} classes but the student has V = {vocab_size}")
+
+    def has_tail(self, vocab_size: Optional[int]) -> bool:
+        """Whether the coarse distribution has a tail class: ``tail="bucket"`` and a class left outside the top k
+        (with ``k = V`` none is, whatever mass float rounding leaves the bucket)."""
+        return self.tail == "bucket" and (vocab_size is None or self.k < vocab_size)
+
     def slack(self) -> float:
         """How far above 0 a kept log-probability may be (and its mass above 1, per kept class): float rounding."""
         return _LOGPROB_SLACK.get(self.logprobs.dtype, 1e-2)
@@ -137,8 +146,7 @@ class SparseTeacher:
         """``[rows, k + 1]`` coarse teacher log-probabilities at `temperature` (the tail last; ``-inf`` for
         ``"renormalize"``), computed in float64 and returned in `dtype`."""
         lp = self.logprobs.reshape(-1, self.k).double().clamp(max=0.0)
-        # k = V: no class is left for the tail, whatever mass float rounding leaves it (the student has none there)
-        tail = "renormalize" if vocab_size is not None and self.k >= vocab_size else self.tail
+        tail = "bucket" if self.has_tail(vocab_size) else "renormalize"
         return reference.sparse_teacher_logprobs(lp, tail, temperature / self.temperature).to(dtype)
 
     def flat_indices(self) -> torch.Tensor:
@@ -186,20 +194,18 @@ def sparse_rows(student: torch.Tensor, teacher: SparseTeacher, div, a_s: float, 
     chosen = select(backend, student.device, student.dtype, op="sparse_coarse")
     one_pass = None if chosen is Backend.REFERENCE else _sparse_op.fused(chosen)
     if check:
-        if teacher.k > v:
-            raise ValueError(f"the sparse teacher keeps k = {teacher.k} classes but the student has V = {v}")
+        teacher.check_k(v)
         if one_pass is None:  # the one-pass kernel checks the rows itself
             teacher.check(v, valid)
         check_divergence(div.name, div.param_a, div.param_b, teacher.tail)
     idx = teacher.flat_indices()
     if one_pass is not None:
         check_no_tangent(who, student)
-        tail = teacher.tail == "bucket" and teacher.k < v  # k = V: no class is left for a tail
         grad_on = torch.is_grad_enabled() and student.requires_grad
         rows, _, status = one_pass(student.contiguous(), idx, teacher.logprobs.reshape(-1, teacher.k).double(),
-                                   None if valid is None else valid.contiguous(), tail, teacher.slack(), div.code,
-                                   div.param_a, div.param_b, a_s, teacher.temperature / temperature, grad_on,
-                                   grad_scale)
+                                   None if valid is None else valid.contiguous(), teacher.has_tail(v),
+                                   teacher.slack(), div.code, div.param_a, div.param_b, a_s,
+                                   teacher.temperature / temperature, grad_on, grad_scale)
         if check and not V.is_compiling() and bool(status.any()):
             row = int(status.nonzero()[0, 0])
             raise ValueError(f"sparse teacher row {row}: {_STATUS[int(status[row])].format(v=v)}")
