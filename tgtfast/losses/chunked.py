@@ -10,7 +10,8 @@ for each chunk
    in one pass, already weighted by the reduction), and folds in the gradient of the optional cross-entropy
    term (``softmax - onehot``, computed in place in the student buffer),
 3. turns the chunk's logit gradient into the gradients of the student's hidden states (its rows), weight and
-   bias (accumulated over chunks).
+   bias (accumulated over chunks; a half-precision weight's gradient in its own dtype, a group of chunks at a
+   time: :class:`_WeightGrad`).
 
 The gradients are therefore ready when the forward pass returns; backward only scales them by the incoming
 gradient. Memory is ``O(chunk x V)`` plus the gradients themselves, never ``O(N x V)``. The losses built on it:
@@ -81,18 +82,75 @@ class _Matmul:
         else:
             out.copy_(torch.mm(grad, self.weight_acc))
 
-    def accumulate_grad_weight(self, acc: torch.Tensor, grad: torch.Tensor, hidden: torch.Tensor) -> None:
-        """acc [V, H] += grad^T [V, r] @ hidden [r, H], accumulated in acc's dtype."""
-        if self.cuda_out_dtype and _ADDMM_OUT_DTYPE_OK[0]:
-            try:
-                torch.addmm(acc, grad.t(), hidden, out_dtype=acc.dtype, out=acc)
-                return
-            except RuntimeError:  # this torch's CUDA addmm cannot accumulate into float32: upcast instead
-                _ADDMM_OUT_DTYPE_OK[0] = False
-        acc.addmm_(grad.t().to(acc.dtype), hidden.to(acc.dtype))
+    def grad_weight_into(self, grad: torch.Tensor, hidden: torch.Tensor, out: torch.Tensor) -> None:
+        """out [S, H] = grad^T [S, r] @ hidden [r, H], in out's dtype (the accumulation dtype)."""
+        if self.cuda_out_dtype:
+            torch.mm(grad.t(), hidden.to(grad.dtype), out_dtype=out.dtype, out=out)
+        else:
+            torch.mm(grad.t().to(out.dtype), hidden.to(out.dtype), out=out)
 
 
-_ADDMM_OUT_DTYPE_OK = [True]
+_GROUP_BYTES = 128 * 2**20  # logit gradients of the rows whose weight gradient is added at once (low precision)
+_SLAB_BYTES = 64 * 2**20  # accumulation-dtype rows of the weight gradient added at once
+
+
+class _WeightGrad:
+    """The student weight's gradient ``sum over rows of grad[r, :]^T hidden[r, :]``, held in the weight's dtype.
+
+    A float32 (float64) weight, or a half-precision one whose float32 copy would be no larger than a group and a
+    slab: each chunk's product is added into a float32 accumulator (``addmm_``), rounded once at the end. A larger
+    half-precision weight has no float32 ``[V, H]`` accumulator (2 GiB at V = 128256, H = 4096, plus its rounded
+    copy): the chunks' logit gradients are gathered into a group of up to ``_GROUP_BYTES`` (whole chunks), and each
+    full group is added slab by slab of the vocabulary: ``slab = round(slab + grad_group^T @ hidden_group)``, the
+    product and the sum in float32 and one rounding per group. The result is rounded ``ceil(N / group rows)`` times
+    (once when the rows fit one group); the float32 temporaries are one slab (``_SLAB_BYTES``)."""
+
+    def __init__(self, matmul: _Matmul, weight: torch.Tensor, n: int, chunk: int, operand: torch.dtype,
+                 hidden_dtype: torch.dtype) -> None:
+        v, h = weight.shape
+        self.matmul, self.acc = matmul, matmul.acc
+        acc_bytes = v * h * torch.empty((), dtype=self.acc).element_size()
+        self.grouped = weight.dtype != self.acc and acc_bytes > _GROUP_BYTES + _SLAB_BYTES
+        self.out = torch.zeros((v, h), dtype=weight.dtype if self.grouped else self.acc, device=weight.device)
+        if not self.grouped:
+            return
+        esz = torch.empty((), dtype=operand).element_size()
+        rows = max(chunk, (_GROUP_BYTES // (v * esz)) // chunk * chunk)
+        rows = min(rows, -(-max(n, 1) // chunk) * chunk)
+        self.grad = torch.empty((rows, v), dtype=operand, device=weight.device)
+        self.hidden = torch.empty((rows, h), dtype=hidden_dtype, device=weight.device)
+        self.slab = max(1, min(v, _SLAB_BYTES // (h * torch.empty((), dtype=self.acc).element_size())))
+        self.tmp = torch.empty((self.slab, h), dtype=self.acc, device=weight.device)
+        self.filled = 0
+
+    def add(self, grad: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Add ``grad^T @ hidden`` (``grad`` [r, V] as :meth:`_Matmul.grad_operand` gives it, ``hidden`` [r, H])."""
+        if not self.grouped:
+            self.out.addmm_(grad.t().to(self.acc), hidden.to(self.acc))
+            return
+        r = grad.shape[0]
+        if self.filled + r > self.grad.shape[0]:
+            self._flush()
+        self.grad[self.filled:self.filled + r].copy_(grad)
+        self.hidden[self.filled:self.filled + r].copy_(hidden)
+        self.filled += r
+
+    def _flush(self) -> None:
+        if self.filled == 0:
+            return
+        g, h = self.grad[: self.filled], self.hidden[: self.filled]
+        for start in range(0, self.out.shape[0], self.slab):
+            end = min(self.out.shape[0], start + self.slab)
+            tmp = self.tmp[: end - start]
+            self.matmul.grad_weight_into(g[:, start:end], h, tmp)
+            tmp.add_(self.out[start:end])
+            self.out[start:end].copy_(tmp)
+        self.filled = 0
+
+    def result(self) -> torch.Tensor:
+        if self.grouped:
+            self._flush()
+        return self.out
 
 
 def _has_mm_out_dtype() -> bool:
@@ -151,7 +209,10 @@ def _run(cfg: _Config, hs, ws, bs, ht, wt, bt, row_scale, need: Tuple[bool, bool
     t_buf = None if teacher is None else torch.empty((chunk, v), dtype=acc, device=device)
     rows_out = torch.empty((n,), dtype=acc, device=device)
     grad_h = torch.empty_like(hs) if need[0] else None
-    grad_w = torch.zeros(ws.shape, dtype=acc, device=device) if need[1] else None
+    grad_w = None
+    if need[1]:
+        operand = ws.dtype if student.cuda_out_dtype else acc
+        grad_w = _WeightGrad(student, ws, n, chunk, operand, ws.dtype if student.cuda_out_dtype else acc)
     grad_b = torch.zeros((v,), dtype=acc, device=device) if need[2] else None
     per_row = isinstance(row_scale, torch.Tensor)
     for start in range(0, n, chunk):
@@ -193,10 +254,10 @@ def _run(cfg: _Config, hs, ws, bs, ht, wt, bt, row_scale, need: Tuple[bool, bool
             student.grad_hidden_into(grad, grad_h[start:end])
         if need[1]:  # ignored rows have zero gradient, but 0 * NaN hidden states (padding) would still be NaN
             h_w = h_chunk if valid is None else torch.where(valid.unsqueeze(1), h_chunk, h_chunk.new_zeros(()))
-            student.accumulate_grad_weight(grad_w, grad, h_w)
+            grad_w.add(grad, h_w)
         del grad
     if grad_w is not None:
-        grad_w = grad_w.to(ws.dtype)
+        grad_w = grad_w.result().to(ws.dtype)
     if grad_b is not None:
         grad_b = grad_b.to(bs.dtype)
     return rows_out, grad_h, grad_w, grad_b
