@@ -214,20 +214,27 @@ def test_modules_through_as_mlp_match_eager_modules():
     torch.testing.assert_close(s, torch.softmax(labeler(x_ref) / 2.0, -1), rtol=1e-5, atol=1e-5)
 
 
+EITHER_ACTS = [(["relu", "tanh"], ["identity"]), (["silu", "relu"], ["relu", "sigmoid"]),
+               (["gelu", "gelu_tanh"], ["tanh", "identity"])]
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("which", ["x_new", "soft", "both"])
-@pytest.mark.parametrize("acts", [(["relu", "tanh"], ["identity"]), (["silu", "relu"], ["relu", "sigmoid"]),
-                                  (["gelu", "gelu_tanh"], ["tanh", "identity"])])
+@pytest.mark.parametrize("acts", EITHER_ACTS)
 def test_gradient_through_either_output(backend, which, acts):
     """The gradient to z through x_new alone, the soft labels alone or both: the backward reuses the outputs
     where the activations allow it (decoder ending in tanh/relu, labeler ending with no activation) and
     recomputes them elsewhere; both against autograd of the float64 reference."""
+    _check_either_output(backend, which, acts, "cpu")
+
+
+def _check_either_output(backend, which, acts, device, rows=70):
     g = torch.Generator().manual_seed(11)
-    dec = make_layers([5, 23, 17], acts[0], gen=g)
-    lab = make_layers([17] + [13] * (len(acts[1]) - 1) + [6], acts[1], gen=g)
-    z = torch.randn(70, 5, generator=g)
-    wx = torch.randn(70, 17, generator=g, dtype=torch.float64)
-    ws = torch.randn(70, 6, generator=g, dtype=torch.float64)
+    dec = make_layers([5, 23, 17], acts[0], gen=g, device=device)
+    lab = make_layers([17] + [13] * (len(acts[1]) - 1) + [6], acts[1], gen=g, device=device)
+    z = torch.randn(rows, 5, generator=g).to(device)
+    wx = torch.randn(rows, 17, generator=g, dtype=torch.float64).to(device)
+    ws = torch.randn(rows, 6, generator=g, dtype=torch.float64).to(device)
     kw = dict(sigma=0.4, seed=3, temperature=0.7)
 
     def grad(fn, zz, dec_l, lab_l):
@@ -490,6 +497,30 @@ def test_cuda_issue_shapes():
     dec = make_layers([64, 256, 784], ["relu", "sigmoid"], device="cuda")
     lab = make_layers([784, 256, 1000], ["relu", "identity"], device="cuda")
     z = torch.randn(300, 64, device="cuda")
+    check_against_truth("cuda", z, dec, lab, sigma=0.1)
+
+
+@requires_cuda
+@pytest.mark.parametrize("which", ["x_new", "soft", "both"])
+@pytest.mark.parametrize("acts", EITHER_ACTS)
+def test_cuda_gradient_through_either_output(which, acts):
+    """The CUDA backward (tgtfast::mlp_chain_bwd on CUDA): x_new's gradient alone (the labeler skipped), the soft
+    labels' alone, or both, against autograd of the float64 reference."""
+    from tgtfast.ops import mlp_chain as op
+
+    assert "cuda" in op.BWD, "the extension has no CUDA backward for the MLP chain"
+    _check_either_output("cuda", which, acts, "cuda", rows=133)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_backward_past_one_chunk(dtype):
+    """Widths (256, 256, 784 | 784, 256, 1000): the backward keeps 2296 pre-activations and twice 1000 gradients per
+    row, 7810 rows per chunk of 2**25 floats; 9000 rows cross a chunk boundary."""
+    g = torch.Generator().manual_seed(2)
+    dec = make_layers([256, 256, 784], ["gelu", "sigmoid"], device="cuda", gen=g)
+    lab = make_layers([784, 256, 1000], ["silu", "identity"], device="cuda", gen=g)
+    z = torch.randn(9000, 256, generator=g).to("cuda", dtype)
     check_against_truth("cuda", z, dec, lab, sigma=0.1)
 
 

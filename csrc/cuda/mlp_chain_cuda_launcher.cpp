@@ -1,7 +1,7 @@
 // Torch-facing launcher of the CUDA MLP chain (mlp_chain_cuda.cu): argument checks, buffers, the current stream,
-// and the CUDA registration of tgtfast::mlp_chain_fwd (schema in csrc/ops.cpp). The batch is processed in
-// chunks of kChunkRows rows so that the float32 hidden activations between two layers never take more than
-// kChunkRows x (widest layer) floats, whatever B is.
+// and the CUDA registrations of tgtfast::mlp_chain_fwd and mlp_chain_bwd (schemas in csrc/ops.cpp). The forward
+// processes the batch in chunks of kChunkRows rows so that the float32 hidden activations between two layers never
+// take more than kChunkRows x (widest layer) floats, whatever B is; the backward in chunks of kBwdChunkFloats.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -18,9 +18,27 @@ namespace tgtfast {
 namespace {
 
 constexpr int64_t kChunkRows = 16384;
+constexpr int64_t kBwdChunkFloats = int64_t{1} << 25;  // the backward's recomputed activations: 128 MiB per chunk
 
 void check_cuda(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "mlp_chain_fwd (CUDA): ", what, " failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "mlp_chain (CUDA): ", what, " failed: ", cudaGetErrorString(err));
+}
+
+// Layer l of a chunk of `rows` rows: input `in` ([rows, in_w] of in_dtype), output y ([rows, out] float32).
+cuda::MlpLayerArgs layer_args(at::TensorList weights, const std::vector<const float*>& bias_ptr,
+                              at::IntArrayRef activations, int64_t l, const void* in, cuda::MlpChainDType in_dtype,
+                              int64_t in_w, float* y, int64_t rows) {
+  cuda::MlpLayerArgs a;
+  a.x = in;
+  a.x_dtype = in_dtype;
+  a.w = weights[l].data_ptr<float>();
+  a.bias = bias_ptr[l];
+  a.y = y;
+  a.rows = rows;
+  a.in = in_w;
+  a.outs = weights[l].size(0);
+  a.act = static_cast<int>(activations[l]);
+  return a;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cuda(
@@ -81,16 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cuda(
     float* bufs[2] = {buf_a.data_ptr<float>(), buf_b.data_ptr<float>()};
     int64_t in_w = d;
     for (int64_t l = 0; l < L; ++l) {
-      cuda::MlpLayerArgs a;
-      a.x = in;
-      a.x_dtype = in_dtype;
-      a.w = weights[l].data_ptr<float>();
-      a.bias = bias_ptr[l];
-      a.y = bufs[l % 2];
-      a.rows = rows;
-      a.in = in_w;
-      a.outs = weights[l].size(0);
-      a.act = static_cast<int>(activations[l]);
+      cuda::MlpLayerArgs a = layer_args(weights, bias_ptr, activations, l, in, in_dtype, in_w, bufs[l % 2], rows);
       if (l == num_decoder_layers - 1) {
         a.out = static_cast<char*>(x_new.data_ptr()) + row0 * a.outs * x_new.element_size();
         a.out_dtype = dtype;
@@ -115,7 +124,120 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_chain_fwd_cuda(
   return {x_new, soft, perturbed};
 }
 
+// True if `t` is given; it must then be a contiguous float32 [rows, cols] tensor on `device`.
+bool given_rows(const std::optional<at::Tensor>& t, const char* name, int64_t rows, int64_t cols,
+                const at::Device& device) {
+  if (!t.has_value() || !t->defined()) return false;
+  TORCH_CHECK(t->device() == device && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                  t->sizes() == at::IntArrayRef({rows, cols}),
+              "mlp_chain_bwd (CUDA): ", name, " must be a contiguous float32 [", rows, ", ", cols, "] tensor on ",
+              device);
+  return true;
+}
+
+// Gradient to the perturbed latent. Per chunk of rows: the forward again (the layer kernel with noise off, on the
+// saved perturbed latent), keeping every layer's pre-activation; then the softmax backward (when grad_soft is
+// given) and, layer by layer downwards, dx = (dy * act'(pre)) W, x_new's gradient joining at the decoder's last
+// layer. With no grad_soft the labeler is skipped. x_new and soft (the CPU kernel's shortcuts) are not used.
+// Memory: a chunk of rows x (sum of the layers' widths + 2 x the widest) floats, at most kBwdChunkFloats.
+at::Tensor mlp_chain_bwd_cuda(const at::Tensor& perturbed, at::TensorList weights,
+                              const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef activations,
+                              int64_t num_decoder_layers, double temperature,
+                              const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_soft,
+                              const std::optional<at::Tensor>& /*x_new*/, const std::optional<at::Tensor>& /*soft*/) {
+  TORCH_CHECK(perturbed.is_cuda() && perturbed.dim() == 2 && perturbed.scalar_type() == at::kFloat &&
+                  perturbed.is_contiguous(),
+              "mlp_chain_bwd (CUDA): perturbed must be a contiguous float32 [B, d] CUDA tensor");
+  const int64_t L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(static_cast<int64_t>(biases.size()) == L && static_cast<int64_t>(activations.size()) == L &&
+                  num_decoder_layers >= 1 && num_decoder_layers < L,
+              "mlp_chain_bwd (CUDA): inconsistent layer lists");
+  TORCH_CHECK(temperature > 0, "mlp_chain_bwd (CUDA): temperature must be > 0, got ", temperature);
+  const int64_t B = perturbed.size(0), d = perturbed.size(1);
+  const at::Device device = perturbed.device();
+  std::vector<const float*> bias_ptr(L, nullptr);
+  std::vector<int64_t> off(L + 1, 0);  // each layer's column offset in the [rows, sum of widths] pre-activations
+  int64_t width = d;
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor& w = weights[l];
+    TORCH_CHECK(w.device() == device && w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous() &&
+                    w.size(1) == width,
+                "mlp_chain_bwd (CUDA): weight ", l, " must be a contiguous float32 [out, ", width, "] tensor on ",
+                device);
+    TORCH_CHECK(activations[l] >= 0 && activations[l] < cuda::kMlpNumActs,
+                "mlp_chain_bwd (CUDA): unknown activation code ", activations[l]);
+    const std::optional<at::Tensor> b = biases.get(l);
+    if (b.has_value()) {
+      TORCH_CHECK(b->device() == device && b->dim() == 1 && b->size(0) == w.size(0) &&
+                      b->scalar_type() == at::kFloat && b->is_contiguous(),
+                  "mlp_chain_bwd (CUDA): bias ", l, " must be a contiguous float32 vector of ", w.size(0), " on ",
+                  device);
+      bias_ptr[l] = b->data_ptr<float>();
+    }
+    width = w.size(0);
+    off[l + 1] = off[l] + width;
+  }
+  const int64_t last_dec = num_decoder_layers - 1;
+  const int64_t x_width = weights[last_dec].size(0);
+  const bool has_gx = given_rows(grad_x, "grad_x", B, x_width, device);
+  const bool has_gs = given_rows(grad_soft, "grad_soft", B, width, device);
+  auto grad_z = at::zeros({B, d}, perturbed.options());
+  if (B == 0 || (!has_gx && !has_gs)) return grad_z;
+
+  const c10::cuda::CUDAGuard device_guard(device);
+  const int64_t layers = has_gs ? L : num_decoder_layers;  // the layers that take part in the gradient
+  int64_t widest = d;
+  for (int64_t l = 0; l < layers; ++l) widest = std::max(widest, weights[l].size(0));
+  const int64_t per_row = off[layers] + 2 * widest;
+  const int64_t chunk = std::max<int64_t>(1, std::min(B, kBwdChunkFloats / per_row));
+  auto pre = at::empty({chunk * off[layers]}, perturbed.options());
+  auto buf_a = at::empty({chunk * widest}, perturbed.options());
+  auto buf_b = at::empty({chunk * widest}, perturbed.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  for (int64_t row0 = 0; row0 < B; row0 += chunk) {
+    const int64_t rows = std::min(chunk, B - row0);
+    float* bufs[2] = {buf_a.data_ptr<float>(), buf_b.data_ptr<float>()};
+    std::vector<float*> pre_of(layers);
+    const void* in = perturbed.data_ptr<float>() + row0 * d;
+    int64_t in_w = d;
+    for (int64_t l = 0; l < layers; ++l) {  // the forward again, keeping the pre-activations
+      cuda::MlpLayerArgs a = layer_args(weights, bias_ptr, activations, l, in, cuda::MlpChainDType::kFloat32, in_w,
+                                        bufs[l % 2], rows);
+      a.pre = pre_of[l] = pre.data_ptr<float>() + rows * off[l];
+      check_cuda(cuda::mlp_linear(a, stream), "backward: layer recomputation");
+      in = a.y;
+      in_w = a.outs;
+    }
+    float* g = bufs[0];  // the gradient to the current layer's output (post-activation)
+    float* spare = bufs[1];
+    if (has_gs) {
+      check_cuda(cuda::mlp_softmax_bwd(pre_of[L - 1], static_cast<int>(activations[L - 1]),
+                                       grad_soft->data_ptr<float>() + row0 * width, g, rows, width, inv_t, stream),
+                 "backward: softmax");
+    }
+    for (int64_t l = layers - 1; l >= 0; --l) {
+      cuda::MlpLayerBwdArgs a;
+      a.g = (l == layers - 1 && !has_gs) ? nullptr : g;
+      a.g_extra = (has_gx && l == last_dec) ? grad_x->data_ptr<float>() + row0 * x_width : nullptr;
+      a.pre = pre_of[l];
+      a.w = weights[l].data_ptr<float>();
+      a.dx = l == 0 ? grad_z.data_ptr<float>() + row0 * d : spare;
+      a.rows = rows;
+      a.in = weights[l].size(1);
+      a.outs = weights[l].size(0);
+      a.act = static_cast<int>(activations[l]);
+      check_cuda(cuda::mlp_linear_bwd(a, stream), "backward: layer");
+      std::swap(g, spare);
+    }
+  }
+  return grad_z;
+}
+
 }  // namespace
 }  // namespace tgtfast
 
-TORCH_LIBRARY_IMPL(tgtfast, CUDA, m) { m.impl("mlp_chain_fwd", &tgtfast::mlp_chain_fwd_cuda); }
+TORCH_LIBRARY_IMPL(tgtfast, CUDA, m) {
+  m.impl("mlp_chain_fwd", &tgtfast::mlp_chain_fwd_cuda);
+  m.impl("mlp_chain_bwd", &tgtfast::mlp_chain_bwd_cuda);
+}

@@ -24,8 +24,10 @@ Triton chain (kernels/mlp_chain.py, imported the first time the Triton backend i
 
 Gradients. The backward pass recomputes the chain from the perturbed latent (``[B, d]``) block by block, so its
 extra memory is one block of hidden activations, never ``[B, hidden]``: on the CPU in C++
-(``tgtfast::mlp_chain_bwd``, blocks of 64 rows in parallel), on the GPU with torch ops on chunks of about 2**20
-hidden values. For float32 on the CPU the forward also keeps its two outputs (which the caller holds anyway) for
+(``tgtfast::mlp_chain_bwd``, blocks of 64 rows in parallel); on the GPU with the CUDA backend in CUDA (the same
+op: per chunk of rows the layer kernels again, keeping each layer's pre-activation, then a softmax-backward row
+kernel and one tiled GEMM ``dx = (dy * act'(pre)) W`` per layer, at most 2**25 floats per chunk); with the Triton
+backend with torch ops on chunks of about 2**20 hidden values. For float32 on the CPU the forward also keeps its two outputs (which the caller holds anyway) for
 the backward, which then skips recomputing the decoder's last layer (when its activation is the identity, ReLU,
 sigmoid or tanh, whose derivative follows from the output) and the labeler's last layer (when it has no
 activation): modifying ``x_new`` or the soft labels in place before ``backward`` is then an autograd error.
@@ -85,6 +87,8 @@ if _ext.ext is not None and hasattr(torch.ops.tgtfast, "mlp_chain_fwd"):
             return torch.empty_like(perturbed)
 
         BWD["cpp"] = torch.ops.tgtfast.mlp_chain_bwd.default
+        if torch._C._dispatch_has_kernel_for_dispatch_key("tgtfast::mlp_chain_bwd", "CUDA"):
+            BWD["cuda"] = torch.ops.tgtfast.mlp_chain_bwd.default
     if _ext.built_with_cuda() and not torch._C._dispatch_has_kernel_for_dispatch_key("tgtfast::mlp_chain_fwd", "CUDA"):
         _missing[Backend.CUDA] = "the extension has no CUDA kernel for this op"
 else:
@@ -138,8 +142,8 @@ class MlpChain(torch.autograd.Function):
         x_new, soft, pert = FWD[backend](z, weights, biases, acts, len(dec), float(sigma), signed_seed, int(offset),
                                           float(temperature), need)
         ctx.dec, ctx.lab, ctx.temperature, ctx.z_dtype, ctx.backend = dec, lab, temperature, z.dtype, backend
-        # the C++ backward takes the float32 outputs too and skips recomputing the layers that made them
-        ctx.with_outputs = need and backend in BWD and z.dtype == torch.float32
+        # the C++ CPU backward takes the float32 outputs too and skips recomputing the layers that made them
+        ctx.with_outputs = need and backend == "cpp" and z.dtype == torch.float32
         if ctx.with_outputs:
             ctx.save_for_backward(pert, x_new, soft)
         elif need:
