@@ -2,7 +2,6 @@
 // current stream, and the CUDA registration of tgtfast::divergence_fwd (schema in csrc/ops.cpp).
 // Compiled only when torch has CUDA (setup.py adds csrc/cuda/*.cpp to the CUDAExtension).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
