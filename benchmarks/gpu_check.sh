@@ -6,7 +6,8 @@
 #      compute capability; ninja, ccache when found),
 #   2. run the whole test suite (the GPU tests skip everywhere else),
 #   3. run `tgtfast bench` for every op and backend at the GPU shapes (and PTLoss in bf16),
-#   4. write everything under OUT: build.log, tests.log, bench-*.json/txt, summary.txt (device, per step status and
+#   4. run every GPU kernel once under compute-sanitizer (memcheck, racecheck; benchmarks/gpu_sanitize.py),
+#   5. write everything under OUT: build.log, tests.log, bench-*.json/txt, summary.txt (device, per step status and
 #      time, the benchmark tables), printed again at the end.
 #
 # Every step prints its start and its time and the script goes on after a failure, so a run cut short still
@@ -100,6 +101,18 @@ else
     triton --repeats 5 --no-memory --json "$OUT/bench-sparse.json"
 fi
 
+# 4. every GPU kernel once at small shapes under compute-sanitizer: memcheck (no caching allocator, so that an
+#    access past a tensor is past its allocation) and racecheck (shared-memory hazards) of the CUDA kernels
+SAN=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+if [ -x "$SAN" ] || [ "$DRY" = 1 ]; then
+  step sanitize-memcheck "$OUT/sanitize-memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 "$SAN" \
+    --tool memcheck --error-exitcode 9 "$PY" benchmarks/gpu_sanitize.py
+  step sanitize-racecheck "$OUT/sanitize-racecheck.log" timeout 150 "$SAN" --tool racecheck --error-exitcode 9 \
+    "$PY" benchmarks/gpu_sanitize.py --backends cuda
+else
+  note "compute-sanitizer not found ($SAN): sanitizer steps skipped"
+fi
+
 if [ "$DRY" = 1 ]; then
   # What needs no GPU, at tiny shapes: the Triton kernels through the interpreter and the bench entry point.
   step dry "$OUT/dry-tests.log" env TRITON_INTERPRET=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_softmax.py \
@@ -110,6 +123,8 @@ if [ "$DRY" = 1 ]; then
     --shape N=16 K=512 D=2 --impl eager cpp triton --repeats 1 --no-memory --json "$OUT/dry-bench-divergence.json"
   step dry "$OUT/dry-bench-sparse.txt" "$PY" -m tgtfast.cli bench --op sparse --shape N=16 V=512 TOPK=8 \
     --impl eager cpp --repeats 1 --no-memory --json "$OUT/dry-bench-sparse.json"
+  step dry "$OUT/dry-sanitize.txt" env TRITON_INTERPRET=1 "$PY" benchmarks/gpu_sanitize.py --device cpu \
+    --backends cpp triton
 fi
 
 note "total $(( $(date +%s) - T0 )) s, $FAILED step(s) failed"
