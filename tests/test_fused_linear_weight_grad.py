@@ -7,17 +7,14 @@ oracle, and count the bytes the call holds at its peak with a dispatch mode that
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import tgtfast
 from conftest import cpu_backends
 from oracle import fused_linear_oracle
 from tgtfast import reference
+from tgtfast.bench.memory import LiveBytes
 from tgtfast.losses import chunked
 
 
@@ -80,35 +77,6 @@ def _abs_contributions(hs, ws, ht, wt, target):
     return g_t.abs() @ h64.abs()
 
 
-class _LiveBytes(TorchDispatchMode):
-    """The bytes of the storages that ops create (not views of their inputs) and that are still alive, and their
-    peak."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self._seen = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {x.untyped_storage().data_ptr() for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                key = st.data_ptr()
-                if key in self._seen or key in inputs or st.nbytes() == 0:
-                    continue
-                self._seen.add(key)
-                self.live += st.nbytes()
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(st, self._free, key, st.nbytes())
-        return out
-
-    def _free(self, key, nbytes) -> None:
-        self.live -= nbytes
-        self._seen.discard(key)
-
-
 def test_no_float32_weight_sized_accumulator(monkeypatch):
     """bf16 weights on the CPU: the peak holds the weight's float32 copy (the CPU path's GEMM operand), the bf16
     gradient, one group and one slab, and the chunk buffers; no float32 accumulator of the weight's size."""
@@ -120,7 +88,7 @@ def test_no_float32_weight_sized_accumulator(monkeypatch):
     ws.requires_grad_(True)
     tgtfast.fused_linear_ptloss(hs, ws, ht, wt, target=target, chunk_size=chunk, backend="reference").backward()
     hs.grad = ws.grad = None
-    mode = _LiveBytes()
+    mode = LiveBytes()
     with mode:
         loss = tgtfast.fused_linear_ptloss(hs, ws, ht, wt, target=target, chunk_size=chunk, backend="reference")
         loss.backward()

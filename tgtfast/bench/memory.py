@@ -1,5 +1,6 @@
 """Peak memory for ``tgtfast bench`` on the CPU: one call of one implementation in a fresh subprocess, its peak
-RSS above the RSS before the call (``/proc/self/clear_refs`` resets the kernel's counter)."""
+RSS above the RSS before the call (``/proc/self/clear_refs`` resets the kernel's counter). :class:`LiveBytes`
+counts the bytes of the tensors a call creates instead, on any device (the meta device included)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,46 @@ import resource
 import subprocess
 import sys
 import time
+import weakref
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import tgtfast
 from tgtfast.bench.registry import BUILDERS
+
+
+class LiveBytes(TorchDispatchMode):
+    """Inside ``with LiveBytes() as m:``, ``m.live`` is the number of bytes of the storages that ops have created
+    (outputs that are not views of an input) and that are still alive, and ``m.peak`` its maximum: what a
+    caching allocator's peak would report above what was allocated before, less its block rounding. Works on
+    the meta device, so the peak of a computation too large to run can be traced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {x.untyped_storage()._cdata for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key = st._cdata
+                if key in self._seen or key in inputs or st.nbytes() == 0:
+                    continue
+                self._seen.add(key)
+                self.live += st.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(st, self._free, key, st.nbytes())
+        return out
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._seen.discard(key)
 
 
 def _rss_bytes() -> int:
