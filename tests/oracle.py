@@ -98,7 +98,9 @@ def closed_form_grads(s, t, coeffs=None, temperature=1.0, label_smoothing=0.0, t
     q, p, p0 = d["q"], d["p"], d["p0"]
     delta = float(label_smoothing)
     a = -p * d["hp"]
-    grad_s = ((q - p) + q * (a - (a * q).sum(-1, keepdim=True))) / temperature
+    # q sum(p) - p: the derivative of L as written; sum(p) = 1 for a teacher softmax, and given probabilities need
+    # not sum to exactly 1 (half precision)
+    grad_s = ((q * p.sum(-1, keepdim=True) - p) + q * (a - (a * q).sum(-1, keepdim=True))) / temperature
     g = d["log_p"] - d["log_q"] + d["h"]
     if teacher_is_logits:
         zero = torch.zeros_like(p0)

@@ -15,9 +15,6 @@ a softmax row whose whole first 4096-wide chunk is ``-inf`` and a row that is al
 reported below 0. On a GPU also: a non-default stream, a second device, and PTLoss at N = 16384, K = 131072 (2**31
 elements per tensor, run in a child process so that an out-of-bounds kernel cannot break the rest of the suite).
 
-Cases that fail on a backend today are marked ``xfail(strict=True)`` with the defect as the reason (see
-PROB_GRAD_DEFECT and KL_CLAMP_DEFECT below).
-
 Tolerances (``oracle.TOL`` via ``assert_close64``, and test_divergence_cuda's loss and gradient checks): losses
 accumulate in float32 for float32 and bfloat16 inputs, so they get float32 tolerances; gradients are rounded to
 their input's dtype and get a few units of that dtype.
@@ -335,31 +332,21 @@ def test_ptloss_automatic_backend_routes_around_the_order_limit(m, dtype):
 # ------------------------------------------------------------------------------------------------------------------
 # 5. bfloat16 probability teachers whose rows do not sum to exactly 1
 
-# The student gradient docs/design.md ("PTLoss") gives, dL/ds = [(q - p) + q (a - sum_j a_j q_j)] / T, and the one
-# tests/oracle.py computes, assumes sum(p) = 1; a bfloat16 row of probabilities sums to 1 only up to rounding (the
-# API accepts |sum - 1| <= 2e-2 in half precision). The cpp and CUDA kernels follow that formula; the reference
-# backend (autograd of L as written) and the Triton kernel give q sum(p) - p in the place of q - p.
-PROB_GRAD_DEFECT = ("the student gradient of a probability teacher whose row does not sum to 1 is "
-                    "q * sum(p) - p here, (q - p) per docs/design.md and the cpp/CUDA kernels")
-# docs/design.md ("Range") and the README: plain KL rows are clamped at 0 in value. tgtfast.ptloss clamps the fused
-# backends' rows (losses/functional.py, _clamp_value_min0) but not the reference backend's.
-KL_CLAMP_DEFECT = "tgtfast.ptloss(backend='reference') does not clamp plain KL rows at 0 (the fused backends do)"
-
-
-def _prob_backend_param(backend: str, k: int):
-    reason = {"reference": f"{PROB_GRAD_DEFECT}; {KL_CLAMP_DEFECT}", "triton": PROB_GRAD_DEFECT}.get(backend)
-    marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-    return pytest.param(k, backend, id=f"K{k}-{backend}", marks=marks)
+# docs/design.md ("PTLoss"): the student gradient of given probabilities is that of L as written, with q sum(p) - p
+# in the place of q - p (a bfloat16 row sums to 1 only up to rounding; the API accepts |sum - 1| <= 2e-2 in half
+# precision, judged in the teacher's own dtype), on every backend; and plain KL rows are clamped at 0 in value
+# ("Range").
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-@pytest.mark.parametrize("k,backend", [_prob_backend_param(b, k) for k in (5, 4097)
+@pytest.mark.parametrize("k,backend", [pytest.param(k, b, id=f"K{k}-{b}") for k in (5, 4097)
                                        for b in backends_for("ptloss", k, _rows_for(k))])
 def test_bf16_probability_teacher_gradient_contract(k, backend, label_smoothing):
     """bfloat16 teacher probabilities (rounded from a confident float64 softmax, rows summing to 1 +- ~1e-3) and a
     bfloat16 student close to the teacher (a trained student, where q - p is small and the sum(p) - 1 term shows):
     every backend follows one contract, docs/design.md's (plain KD, smoothed or not): each row's loss as written,
-    clamped at 0 in value (a row summing below 1 can dip under 0), dL/ds with (q - p), dL/dp0 = (1 - delta) (g + 1)."""
+    clamped at 0 in value (a row summing below 1 can dip under 0), dL/ds with q sum(p) - p,
+    dL/dp0 = (1 - delta) (g + 1)."""
     n = _rows_for(k)
     g = torch.Generator().manual_seed(k)
     logits = torch.randn(n, k, generator=g, dtype=torch.float64) * 2
@@ -381,10 +368,7 @@ def test_bf16_probability_teacher_gradient_contract(k, backend, label_smoothing)
     assert_close64(gt, truth[2], torch.bfloat16, f"{backend} grad teacher")
 
 
-@pytest.mark.parametrize("op,k,backend", [
-    pytest.param(*p.values, id=p.id, marks=[pytest.mark.xfail(strict=True, reason=KL_CLAMP_DEFECT)])
-    if p.values[0] == "ptloss" and p.values[2] == "reference" else p
-    for p in _matrix(["ptloss", "forward_kl"], (7, 300))])
+@pytest.mark.parametrize("op,k,backend", _matrix(["ptloss", "forward_kl"], (7, 300)))
 def test_plain_kl_rows_are_never_negative(op, k, backend):
     """Plain KL (PTLoss without coefficients, and distill_loss's forward_kl) of a student almost equal to its teacher
     at T = 0.05, where float32 cancellation puts computed rows just under 0: no backend reports a negative row

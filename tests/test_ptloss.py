@@ -410,6 +410,18 @@ class TestBadInput:
         with pytest.raises(ValueError, match="sum to 1"):
             tgtfast.ptloss(self.s, self.t.abs(), teacher_is_logits=False)
 
+    def test_probabilities_are_judged_in_their_own_dtype(self):
+        """A bfloat16 row summing to 1 + 1.2e-3 is accepted with a float32 student, as with a bfloat16 one (half
+        precision: 2e-2); the same row given in float32 is refused (1e-3)."""
+        p = torch.tensor([[0.8984375, 0.0625, 0.040283203125]])  # exact in bfloat16, sums to 1.0012...
+        p = torch.cat([p, torch.tensor([[0.5, 0.25, 0.25]])])
+        assert 1e-3 < float(p.sum(-1).max()) - 1 < 2e-2
+        s = torch.randn(2, 3)
+        for student in (s, s.bfloat16()):
+            assert torch.isfinite(tgtfast.ptloss(student, p.bfloat16(), teacher_is_logits=False))
+        with pytest.raises(ValueError, match="sum to 1"):
+            tgtfast.ptloss(s, p, teacher_is_logits=False)
+
     def test_reduction_and_backend(self):
         with pytest.raises(ValueError, match="reduction must be one of"):
             tgtfast.ptloss(self.s, self.t, reduction="avg")

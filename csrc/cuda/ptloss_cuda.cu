@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(G <= 32 ? kSubBlock : G, G > 256 ? 1 : 2) ptlo
     r.ln_ss = logf(st[1]);
     r.log2_ss = log2f(st[1]);
 
-    // Sweep 2: loss, A = sum_j a_j q_j, Gt = sum_j p0_j g_j.
+    // Sweep 2: loss, A = sum_j a_j q_j, and Gt = sum_j p0_j g_j (teacher logits) or sum_j p_j (probabilities).
     float acc[3] = {0.f, 0.f, 0.f};
     for_each_chunk<V, G>(K, head, a.vec, lane, [&](auto w, int j) {
       constexpr int W = decltype(w)::value;
@@ -223,7 +223,11 @@ __global__ void __launch_bounds__(G <= 32 ? kSubBlock : G, G > 256 ? 1 : 2) ptlo
         const float kl = e.p == 0.f ? 0.f : e.p * (e.lp - e.lq);  // xlogy: p_j == 0 adds nothing
         acc[0] += fmaf(e.p, e.h, kl);
         if (need_A) acc[1] = fmaf(-e.p * e.hp, e.q, acc[1]);
-        if (need_G && e.p0 != 0.f) acc[2] = fmaf(e.p0, e.lp - e.lq + e.h, acc[2]);
+        if constexpr (kLogits) {
+          if (need_G && e.p0 != 0.f) acc[2] = fmaf(e.p0, e.lp - e.lq + e.h, acc[2]);
+        } else {
+          acc[2] += e.p;  // sum_j p_j: given probabilities need not sum to exactly 1
+        }
       }
     });
     group_reduce<G, false>(acc, 0.f, red);
@@ -231,7 +235,7 @@ __global__ void __launch_bounds__(G <= 32 ? kSubBlock : G, G > 256 ? 1 : 2) ptlo
     if (!need_gs && !need_gt) continue;
 
     // Sweep 3: gradients.
-    const float sum_aq = acc[1], sum_pg = acc[2];
+    const float sum_aq = acc[1], sum_pg = acc[2], sum_p = acc[2];
     for_each_chunk<V, G>(K, head, a.vec, lane, [&](auto w, int j) {
       constexpr int W = decltype(w)::value;
       const Pack<T, W> x = load_pack<T, W, Load::kLast>(s_row + j);
@@ -241,7 +245,9 @@ __global__ void __launch_bounds__(G <= 32 ? kSubBlock : G, G > 256 ? 1 : 2) ptlo
       for (int i = 0; i < W; ++i) {
         const ElemVals e = element<kLogits, CM>(x.get(i), y.get(i), j + i, a, r, eta_shared, need_gt);
         const float aj = -e.p * e.hp;
-        gs.set(i, fmaf(e.q, aj - sum_aq, e.q - e.p) * a.gs_scale);
+        // d/ds of -sum_j p_j log q_j is q sum_j p_j - p: q - p for a teacher softmax, as written for probabilities
+        const float base = kLogits ? e.q - e.p : fmaf(e.q, sum_p, -e.p);
+        gs.set(i, fmaf(e.q, aj - sum_aq, base) * a.gs_scale);
         const float g = e.lp - e.lq + e.h;
         if constexpr (kLogits) {
           gt.set(i, e.p0 == 0.f ? 0.f : a.gt_scale * e.p0 * (g - sum_pg));

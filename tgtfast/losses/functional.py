@@ -133,9 +133,9 @@ def ptloss(
         valid = (target != ignore_index).reshape(-1)
 
     s = student_logits.to(dtype).reshape(-1, k)
+    if not teacher_is_logits:  # judged in the dtype they were given in (bf16 rows sum to 1 only to bf16 accuracy)
+        _check_teacher_probs(teacher.reshape(-1, k), valid)
     t = teacher.to(dtype).reshape(-1, k)
-    if not teacher_is_logits:
-        _check_teacher_probs(t, valid)
     eta = _as_coeffs(coeffs, k, s.device, dtype)
 
     chosen = select(backend, s.device, dtype, op="ptloss", orders=eta.shape[0] if eta.numel() else 0)
@@ -147,6 +147,8 @@ def ptloss(
             s, t, eta, temperature=temperature, teacher_is_logits=teacher_is_logits, label_smoothing=label_smoothing
         )
         rows = rows.to(eta.dtype)
+        if eta.numel() == 0:  # plain KL is >= 0 in value, as on the fused backends below
+            rows = _clamp_value_min0(rows)
         out = reference.reduce_rows(rows, valid, reduction)
     else:
         check_no_tangent("tgtfast.ptloss", student_logits, teacher)
