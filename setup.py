@@ -42,7 +42,9 @@ def _extensions():
     # -fno-trapping-math lets GCC turn the NaN-safe selects of csrc/common/cpu_math.h into vector blends; unlike
     # -ffast-math it keeps NaN and inf semantics (the bad-input tests rely on them).
     # -fopenmp: at::parallel_for is inline OpenMP in torch's headers and silently runs on one thread without it.
-    cxx = ["-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    # No -std: torch's build adds the standard its headers need (C++17 up to torch 2.12, C++20 from 2.13; torch
+    # 2.14's ATen refuses C++17), for the C++ and the nvcc compilations alike.
+    cxx = ["-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     cxx += ["-O0", "-g"] if debug else ["-O3"]
     if _flag("TGTFAST_NATIVE"):
         cxx.append("-march=native")
@@ -61,7 +63,7 @@ def _extensions():
     )
     if with_cuda:
         archs = os.environ.get("TGTFAST_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
-        nvcc = ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "--threads", "2"]
+        nvcc = ["--expt-relaxed-constexpr", "-lineinfo", "--threads", "2"]
         nvcc += ["-O0", "-g", "-G"] if debug else ["-O3"]
         for arch in filter(None, (a.strip() for a in archs)):
             nvcc += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
