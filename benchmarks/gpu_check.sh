@@ -4,10 +4,11 @@
 #
 #   1. build and install the extension with its CUDA kernels for the GPU present only (TGTFAST_CUDA_ARCHS from its
 #      compute capability; ninja, ccache when found),
-#   2. run the whole test suite (the GPU tests skip everywhere else),
+#   2. run the tests that have a GPU path (the GPU tests skip everywhere else),
 #   3. run `tgtfast bench` for every op and backend at the GPU shapes (and PTLoss in bf16),
 #   4. run every GPU kernel once under compute-sanitizer (memcheck, racecheck; benchmarks/gpu_sanitize.py),
-#   5. write everything under OUT: build.log, tests.log, bench-*.json/txt, summary.txt (device, per step status and
+#   5. run the rest of the test suite (CPU only, which CI runs too),
+#   6. write everything under OUT: build.log, tests-*.log, bench-*.json/txt, summary.txt (device, per step status and
 #      time, the benchmark tables), printed again at the end.
 #
 # Every step prints its start and its time and the script goes on after a failure, so a run cut short still
@@ -82,8 +83,19 @@ step build "$OUT/build.log" env TGTFAST_CUDA_ARCHS="$ARCH" MAX_JOBS="$(nproc)" \
   "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
 step backends "$OUT/backends.log" "$PY" -m tgtfast.cli backends --op ptloss
 
-# 2. every test; on the GPU machine the CUDA and compiled-Triton tests run
-step tests "$OUT/tests.log" timeout 300 "$PY" -m pytest tests -q -rfE -p no:cacheprovider
+# 2. the tests with a GPU path first (the CUDA and compiled-Triton tests run; about 100 s of them is CPU work);
+#    the CPU-only rest, which CI runs anyway, comes last (step 5) so that a run cut short keeps what matters
+GPU_TESTS=(tests/test_ptloss_cuda.py tests/test_divergence_cuda.py tests/test_sparse_cuda.py tests/test_mlp_chain.py
+  tests/test_edge_matrix.py tests/test_softmax.py tests/test_noise.py tests/test_triton_device.py
+  tests/test_ptloss_triton.py tests/test_divergence_triton.py tests/test_sparse_triton.py tests/test_proxy_solve.py
+  tests/test_proxy_refine.py tests/test_proxy_ops.py tests/test_tgt_step.py tests/test_fused_linear.py
+  tests/test_fused_linear_weight_grad.py tests/test_fused_linear_mixed.py tests/test_ops.py tests/test_dispatch.py
+  tests/test_ptloss.py tests/test_ptloss_nonfinite.py tests/test_distill_weight.py tests/test_divergence_peers.py
+  tests/test_triton_compile.py)
+for f in "${GPU_TESTS[@]}"; do  # a renamed test file must not drop out silently (the dry run in CI checks this)
+  [ -f "$f" ] || { note "GPU_TESTS names $f, which does not exist"; FAILED=$((FAILED + 1)); }
+done
+step tests-gpu "$OUT/tests-gpu.log" timeout 300 "$PY" -m pytest "${GPU_TESTS[@]}" -q -rfE -p no:cacheprovider
 
 # 3. benchmarks: every op, every backend available, at the GPU shapes (tgtfast/bench/registry.py)
 if [ "$QUICK" = 1 ]; then
@@ -120,6 +132,10 @@ if [ -x "$SAN" ] || [ "$DRY" = 1 ]; then
 else
   note "compute-sanitizer not found ($SAN): sanitizer steps skipped"
 fi
+
+# 5. the rest of the suite (CPU paths, trainers, CLI, integrations)
+step tests-rest "$OUT/tests-rest.log" timeout 300 "$PY" -m pytest tests -q -rfE -p no:cacheprovider \
+  $(printf -- '--ignore=%s ' "${GPU_TESTS[@]}") --ignore=tests/test_cuda_launchers_compile.py
 
 if [ "$DRY" = 1 ]; then
   # What needs no GPU, at tiny shapes: the Triton kernels through the interpreter and the bench entry point.
