@@ -218,7 +218,7 @@ EITHER_ACTS = [(["relu", "tanh"], ["identity"]), (["silu", "relu"], ["relu", "si
                (["gelu", "gelu_tanh"], ["tanh", "identity"])]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if HAS_TRITON else []))
 @pytest.mark.parametrize("which", ["x_new", "soft", "both"])
 @pytest.mark.parametrize("acts", EITHER_ACTS)
 def test_gradient_through_either_output(backend, which, acts):
@@ -226,6 +226,18 @@ def test_gradient_through_either_output(backend, which, acts):
     where the activations allow it (decoder ending in tanh/relu, labeler ending with no activation) and
     recomputes them elsewhere; both against autograd of the float64 reference."""
     _check_either_output(backend, which, acts, "cpu")
+
+
+@requires_triton
+def test_triton_backward_in_chunks(monkeypatch):
+    """The Triton backward (kernels/mlp_chain.py, mlp_chain_bwd) used by the Triton backend, over several chunks of
+    rows (the chunk budget shrunk to a few rows), against autograd of the float64 reference."""
+    from tgtfast.kernels import mlp_chain as kernels
+    from tgtfast.ops import mlp_chain as op
+
+    monkeypatch.setattr(kernels, "_BWD_CHUNK_FLOATS", 4 * (23 + 17 + 13 + 6 + 2 * 23))
+    _check_either_output("triton", "both", EITHER_ACTS[2], "cpu", rows=11)
+    assert op.BWD["triton"] is kernels.mlp_chain_bwd
 
 
 def _check_either_output(backend, which, acts, device, rows=70):

@@ -149,9 +149,22 @@ def _linear_jobs():
                     const = dict(ACT=2, HAS_BIAS=True, NOISE=True, WRITE_PERT=True, WRITE_OUT=True, SOFTMAX=fuse,
                                  PRECISION="tf32x3", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
                     seen.setdefault(_const_key([const, nw, ns]), ("mlp_chain._linear_kernel", sig, const, nw, ns))
+    bwd_sig = {"g_ptr": "*fp32", "gx_ptr": "*fp32", "pre_ptr": "*fp32", "w_ptr": "*fp32", "dx_ptr": "*fp32",
+               "M": "i32", "N": "i32", "K": "i32"}
+    for m in (10, 64, 1000):
+        for n in WIDTHS + (10, 300):
+            for k in WIDTHS:
+                bm, bn, bk, nw, ns = mlp_chain.linear_bwd_config(m, n, k)
+                const = dict(ACT=2, HAS_G=True, HAS_GX=True, PRECISION="tf32x3", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                seen.setdefault(_const_key([const, nw, ns]), ("mlp_chain._linear_bwd_kernel", bwd_sig, const, nw, ns))
     jobs = list(seen.values())
     jobs.append(("mlp_chain._softmax_kernel", {"x_ptr": "*fp32", "out_ptr": "*bf16", "N": "i32", "inv_t": "fp32"},
                  dict(BLOCK=mlp_chain._ROW_SOFTMAX_BLOCK), 4, 3))
+    jobs.append(("mlp_chain._softmax_bwd_kernel", {"pre_ptr": "*fp32", "g_ptr": "*fp32", "out_ptr": "*fp32",
+                                                   "N": "i32", "inv_t": "fp32"},
+                 dict(ACT=3, BLOCK=mlp_chain._ROW_SOFTMAX_BLOCK), 4, 3))
+    jobs.append(("mlp_chain._act_kernel", {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"},
+                 dict(ACT=2, BLOCK=mlp_chain._ELEMENTWISE_BLOCK), 4, 3))
     return jobs
 
 
