@@ -230,9 +230,9 @@ def test_gradient_through_either_output(backend, which, acts):
 
 @requires_triton
 def test_triton_backward_in_chunks(monkeypatch):
-    """The Triton backward (kernels/mlp_chain.py, mlp_chain_bwd) used by the Triton backend, over several chunks of
+    """The Triton backward (kernels/mlp_chain_bwd.py) used by the Triton backend, over several chunks of
     rows (the chunk budget shrunk to a few rows), against autograd of the float64 reference."""
-    from tgtfast.kernels import mlp_chain as kernels
+    from tgtfast.kernels import mlp_chain_bwd as kernels
     from tgtfast.ops import mlp_chain as op
 
     monkeypatch.setattr(kernels, "_BWD_CHUNK_FLOATS", 4 * (23 + 17 + 13 + 6 + 2 * 23))

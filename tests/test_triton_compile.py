@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tgtfast.kernels import divergence, mlp_chain, ptloss, softmax, sparse
+from tgtfast.kernels import divergence, mlp_chain, mlp_chain_bwd, ptloss, softmax, sparse
 
 ARCHS = (80, 90)
 # Opt-in shared memory per block: A100 163 KiB (164 KiB per SM less 1 KiB reserved), H100/H200 227 KiB.
@@ -154,17 +154,17 @@ def _linear_jobs():
     for m in (10, 64, 1000):
         for n in WIDTHS + (10, 300):
             for k in WIDTHS:
-                bm, bn, bk, nw, ns = mlp_chain.linear_bwd_config(m, n, k)
+                bm, bn, bk, nw, ns = mlp_chain_bwd.linear_bwd_config(m, n, k)
                 const = dict(ACT=2, HAS_G=True, HAS_GX=True, PRECISION="tf32x3", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-                seen.setdefault(_const_key([const, nw, ns]), ("mlp_chain._linear_bwd_kernel", bwd_sig, const, nw, ns))
+                seen.setdefault(_const_key([const, nw, ns]), ("mlp_chain_bwd._linear_bwd_kernel", bwd_sig, const, nw, ns))
     jobs = list(seen.values())
     jobs.append(("mlp_chain._softmax_kernel", {"x_ptr": "*fp32", "out_ptr": "*bf16", "N": "i32", "inv_t": "fp32"},
                  dict(BLOCK=mlp_chain._ROW_SOFTMAX_BLOCK), 4, 3))
-    jobs.append(("mlp_chain._softmax_bwd_kernel", {"pre_ptr": "*fp32", "g_ptr": "*fp32", "out_ptr": "*fp32",
+    jobs.append(("mlp_chain_bwd._softmax_bwd_kernel", {"pre_ptr": "*fp32", "g_ptr": "*fp32", "out_ptr": "*fp32",
                                                    "N": "i32", "inv_t": "fp32"},
                  dict(ACT=3, BLOCK=mlp_chain._ROW_SOFTMAX_BLOCK), 4, 3))
-    jobs.append(("mlp_chain._act_kernel", {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"},
-                 dict(ACT=2, BLOCK=mlp_chain._ELEMENTWISE_BLOCK), 4, 3))
+    jobs.append(("mlp_chain_bwd._act_kernel", {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"},
+                 dict(ACT=2, BLOCK=mlp_chain_bwd._ELEMENTWISE_BLOCK), 4, 3))
     return jobs
 
 

@@ -27,7 +27,7 @@ extra memory is one block of hidden activations, never ``[B, hidden]``: on the C
 (``tgtfast::mlp_chain_bwd``, blocks of 64 rows in parallel); on the GPU with the CUDA backend in CUDA (the same
 op: per chunk of rows the layer kernels again, keeping each layer's pre-activation, then a softmax-backward row
 kernel and one tiled GEMM ``dx = (dy * act'(pre)) W`` per layer, at most 2**25 floats per chunk); with the Triton
-backend the same scheme in Triton (kernels/mlp_chain.py, ``mlp_chain_bwd``, at most 2**24 floats per chunk). Any
+backend the same scheme in Triton (kernels/mlp_chain_bwd.py, at most 2**24 floats per chunk). Any
 other backend recomputes with torch ops on chunks of about 2**20 hidden values (:func:`_chunked_backward`). For float32 on the CPU the forward also keeps its two outputs (which the caller holds anyway) for
 the backward, which then skips recomputing the decoder's last layer (when its activation is the identity, ReLU,
 sigmoid or tanh, whose derivative follows from the output) and the labeler's last layer (when it has no
@@ -63,10 +63,10 @@ BWD: Dict[str, Callable] = {}  # backend name -> backward with the mlp_chain_bwd
 def _load_triton() -> None:
     if "triton" in FWD:
         return
-    from tgtfast.kernels import mlp_chain as kernels
+    from tgtfast.kernels import mlp_chain as kernels, mlp_chain_bwd as bwd_kernels
 
     FWD["triton"] = kernels.mlp_chain_fwd
-    BWD["triton"] = kernels.mlp_chain_bwd
+    BWD["triton"] = bwd_kernels.mlp_chain_bwd
 
 
 _missing: Dict[Backend, str] = {}
