@@ -21,11 +21,8 @@ while [ $# -gt 0 ]; do
     *) echo "cuda_build_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-if [ -z "${CUDA_HOME:-}" ]; then  # as gpu_check.sh: an nvcc wrapper outside the toolkit misleads torch's build
-  for d in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc || echo /none/bin/nvcc)")")")" /usr/local/cuda; do
-    [ -f "$d/include/cuda_runtime.h" ] && { export CUDA_HOME="$d"; break; }
-  done
-fi
+# shellcheck source=benchmarks/cuda_home.sh
+. benchmarks/cuda_home.sh
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q "$TORCH_SPEC" numpy ninja setuptools wheel
 "$VENV/bin/python" -c "import torch; assert torch.version.cuda, 'need a CUDA build of torch'; print('torch', torch.__version__)"

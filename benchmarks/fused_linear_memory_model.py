@@ -39,7 +39,7 @@ def materialised_peak(n: int, h: int, v: int, dtype: torch.dtype, orders: int = 
 def fused_buffers(n: int, h: int, v: int, dtype: torch.dtype, grouped: bool = True) -> List[Tuple[str, int]]:
     """The fused path's buffers on CUDA (products in the input dtype with float32 outputs), as chunked.py sizes
     them; ``grouped=False``: the float32 accumulator it replaced."""
-    esz = torch.empty((), dtype=dtype).element_size()
+    esz = dtype.itemsize
     chunk = min(chunked.default_chunk_size(v), n)
     out = [("student and teacher logits of a chunk (float32)", 2 * chunk * v * 4),
            ("the chunk's logit gradient from the row kernel (float32)", chunk * v * 4),
@@ -47,10 +47,8 @@ def fused_buffers(n: int, h: int, v: int, dtype: torch.dtype, grouped: bool = Tr
            ("hidden-state gradient", n * h * esz),
            ("weight gradient (the result)", v * h * esz)]
     low = dtype in (torch.float16, torch.bfloat16)
-    if low and grouped and v * h * 4 > chunked._GROUP_BYTES + chunked._SLAB_BYTES:
-        rows = max(chunk, (chunked._GROUP_BYTES // (v * esz)) // chunk * chunk)
-        rows = min(rows, -(-n // chunk) * chunk)
-        slab = max(1, min(v, chunked._SLAB_BYTES // (h * 4)))
+    rows, slab = chunked.weight_grad_plan(v, h, n, chunk, dtype, torch.float32, dtype)  # CUDA: operands in dtype
+    if grouped and rows:
         out += [(f"group of {rows} rows' logit gradients and hidden rows", rows * (v + h) * esz),
                 (f"float32 slab of {slab} weight-gradient rows", slab * h * 4)]
     elif low:

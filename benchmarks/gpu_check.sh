@@ -69,13 +69,8 @@ if [ "$DRY" = 0 ] && [ "$DEVICE" = none ]; then
   exit 2
 fi
 command -v ccache > /dev/null && export CC="ccache gcc" CXX="ccache g++"
-# torch finds the CUDA toolkit from `which nvcc`; an nvcc wrapper outside the toolkit (e.g. /usr/local/bin/nvcc)
-# would point it at a folder without cuda_runtime.h: name the toolkit explicitly when it can be told
-if [ -z "${CUDA_HOME:-}" ]; then
-  for d in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc || echo /none/bin/nvcc)")")")" /usr/local/cuda; do
-    [ -f "$d/include/cuda_runtime.h" ] && { export CUDA_HOME="$d"; break; }
-  done
-fi
+# shellcheck source=benchmarks/cuda_home.sh
+. benchmarks/cuda_home.sh
 note "CUDA_HOME=${CUDA_HOME:-unset}"
 
 # 1. build and install (no network: --no-index --no-deps; the machine's torch is the one built against)

@@ -93,7 +93,8 @@ def test_no_float32_weight_sized_accumulator(monkeypatch):
         loss = tgtfast.fused_linear_ptloss(hs, ws, ht, wt, target=target, chunk_size=chunk, backend="reference")
         loss.backward()
     f32_weight = v * h * 4
-    group = min(n, max(chunk, chunked._GROUP_BYTES // (v * 4) // chunk * chunk))
+    group, _ = chunked.weight_grad_plan(v, h, n, chunk, torch.bfloat16, torch.float32, torch.float32)
+    assert group == 128  # two chunks: several groups
     expected = (2 * f32_weight  # the float32 copies of both weights (CPU path)
                 + v * h * 2  # the bf16 weight gradient
                 + group * (v + h) * 4 + 256 * h * 4  # one group of logit gradients and hidden rows, one slab

@@ -94,6 +94,17 @@ _GROUP_BYTES = 128 * 2**20  # logit gradients of the rows whose weight gradient 
 _SLAB_BYTES = 64 * 2**20  # accumulation-dtype rows of the weight gradient added at once
 
 
+def weight_grad_plan(v: int, h: int, n: int, chunk: int, weight: torch.dtype, acc: torch.dtype,
+                     operand: torch.dtype) -> Tuple[int, int]:
+    """``(group rows, slab rows)`` of :class:`_WeightGrad` for a ``[v, h]`` weight of dtype ``weight`` and ``n``
+    rows in chunks of ``chunk``; ``(0, 0)`` when the gradient is summed in an ``acc`` accumulator instead."""
+    if weight == acc or v * h * acc.itemsize <= _GROUP_BYTES + _SLAB_BYTES:
+        return 0, 0
+    rows = max(chunk, (_GROUP_BYTES // (v * operand.itemsize)) // chunk * chunk)
+    rows = min(rows, -(-max(n, 1) // chunk) * chunk)
+    return rows, max(1, min(v, _SLAB_BYTES // (h * acc.itemsize)))
+
+
 class _WeightGrad:
     """The student weight's gradient ``sum over rows of grad[r, :]^T hidden[r, :]``, held in the weight's dtype.
 
@@ -105,21 +116,17 @@ class _WeightGrad:
     product and the sum in float32 and one rounding per group. The result is rounded ``ceil(N / group rows)`` times
     (once when the rows fit one group); the float32 temporaries are one slab (``_SLAB_BYTES``)."""
 
-    def __init__(self, matmul: _Matmul, weight: torch.Tensor, n: int, chunk: int, operand: torch.dtype,
-                 hidden_dtype: torch.dtype) -> None:
+    def __init__(self, matmul: _Matmul, weight: torch.Tensor, n: int, chunk: int, operand: torch.dtype) -> None:
+        """``operand``: the dtype the group holds the logit gradients and hidden rows in (the GEMM operands')."""
         v, h = weight.shape
         self.matmul, self.acc = matmul, matmul.acc
-        acc_bytes = v * h * torch.empty((), dtype=self.acc).element_size()
-        self.grouped = weight.dtype != self.acc and acc_bytes > _GROUP_BYTES + _SLAB_BYTES
+        group, self.slab = weight_grad_plan(v, h, n, chunk, weight.dtype, self.acc, operand)
+        self.grouped = group > 0
         self.out = torch.zeros((v, h), dtype=weight.dtype if self.grouped else self.acc, device=weight.device)
         if not self.grouped:
             return
-        esz = torch.empty((), dtype=operand).element_size()
-        rows = max(chunk, (_GROUP_BYTES // (v * esz)) // chunk * chunk)
-        rows = min(rows, -(-max(n, 1) // chunk) * chunk)
-        self.grad = torch.empty((rows, v), dtype=operand, device=weight.device)
-        self.hidden = torch.empty((rows, h), dtype=hidden_dtype, device=weight.device)
-        self.slab = max(1, min(v, _SLAB_BYTES // (h * torch.empty((), dtype=self.acc).element_size())))
+        self.grad = torch.empty((group, v), dtype=operand, device=weight.device)
+        self.hidden = torch.empty((group, h), dtype=operand, device=weight.device)
         self.tmp = torch.empty((self.slab, h), dtype=self.acc, device=weight.device)
         self.filled = 0
 
@@ -211,8 +218,7 @@ def _run(cfg: _Config, hs, ws, bs, ht, wt, bt, row_scale, need: Tuple[bool, bool
     grad_h = torch.empty_like(hs) if need[0] else None
     grad_w = None
     if need[1]:
-        operand = ws.dtype if student.cuda_out_dtype else acc
-        grad_w = _WeightGrad(student, ws, n, chunk, operand, ws.dtype if student.cuda_out_dtype else acc)
+        grad_w = _WeightGrad(student, ws, n, chunk, ws.dtype if student.cuda_out_dtype else acc)
     grad_b = torch.zeros((v,), dtype=acc, device=device) if need[2] else None
     per_row = isinstance(row_scale, torch.Tensor)
     for start in range(0, n, chunk):
